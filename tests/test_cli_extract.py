@@ -94,3 +94,11 @@ def test_env_runs(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "sd15" in out and "sd21" in out
+
+
+def test_extract_writes_pca_png(tiny_pipeline_dir, image_folder, tmp_path):
+    out = tmp_path / "f.safetensors"
+    assert main(["extract", str(image_folder / "a.png"), "--model", str(tiny_pipeline_dir), "--out", str(out),
+                 "--taps", "us6,us9", "--pca", "us9"]) == 0
+    png = tmp_path / "f_pca" / "a.png.us9.png"
+    assert Image.open(png).size == (120, 90)  # the original image size

@@ -131,12 +131,12 @@ def _prompt_fn(template: str):
 
 
 def _write_pca(result, tap: str, folder: Path) -> None:
-    from ..viz.pca import save_pca_rgb  # noqa: PLC0415
+    from ..viz.pca import save_pca_png  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     for key, taps in result.features.items():
         if tap not in taps:
             raise SystemExit(f"--pca {tap}: tap was not extracted (add it to --taps)")
         size = result.images[key]["size"]
-        save_pca_rgb(taps[tap].float(), folder / (key.replace("/", "__") + f".{tap}.png"), size=(size[1], size[0]))
+        save_pca_png(taps[tap].float(), folder / (key.replace("/", "__") + f".{tap}.png"), size=(size[0], size[1]))
     print(f"wrote PCA-RGB maps of tap {tap} to {folder}")

@@ -34,6 +34,13 @@ calls it instead of :func:`cleandift.eval.matching.match_points`. Points and fra
 of ``match_points``: ``src_xy`` ``(N, 2)`` in the original source image, the result ``(N, 2)`` in the
 original target image, and ``ctx`` (:class:`PairContext`) carries the transforms from original
 images to the descriptor frame plus a cached feature getter (also for horizontally flipped images).
+
+Building from settings: :func:`cleandift.eval.presets.build_descriptor` builds ``diffusion`` itself
+and, for the fusion kinds (``dinov2``, ``sd-dino``, ``tlfr``), calls
+``cleandift.eval.fusion.build_descriptor(settings, extractor=..., device=..., dtype=...)`` where
+``settings`` is a :class:`cleandift.eval.presets.CorrespondenceSettings` (fusion options in
+``settings.fusion``) and ``extractor`` the clean/noisy diffusion extractor it describes (``None`` for
+``dinov2``).
 """
 
 from __future__ import annotations

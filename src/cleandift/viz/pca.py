@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..eval.fusion import principal_axes
+
 Orient = Literal["border", "minority", "none"]
 ORIENTS: tuple[str, ...] = ("border", "minority", "none")
 
@@ -30,30 +32,6 @@ class PCAImage(NamedTuple):
 
     rgb: torch.Tensor  # (B, h, w, 3) or (h, w, 3), float32
     foreground: torch.Tensor  # (B, h, w) or (h, w), bool
-
-
-def principal_axes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``(C,)`` and the top-``k`` principal axes ``(k, C)`` of rows ``x`` ``(N, C)``.
-
-    Exact (eigendecomposition of the covariance in float64, no randomised solver) so colours are
-    reproducible; each axis is signed so that its largest-magnitude loading is positive. When
-    ``k`` exceeds the rank the extra axes are zero.
-    """
-    x = x.double()
-    mean = x.mean(dim=0)
-    xc = x - mean
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    order = torch.argsort(evals, descending=True)
-    axes = evecs[:, order].T[:k]
-    rank = int((evals > evals.max().clamp_min(0) * 1e-10).sum())
-    axes[rank:] = 0.0
-    idx = axes.abs().argmax(dim=1, keepdim=True)
-    sign = torch.sign(axes.gather(1, idx)).clamp_min(0) * 2 - 1
-    axes = axes * torch.where(axes.gather(1, idx) == 0, torch.ones_like(sign), sign)
-    if axes.shape[0] < k:
-        axes = torch.cat([axes, axes.new_zeros(k - axes.shape[0], axes.shape[1])])
-    return mean.float(), axes.float()
 
 
 def pca_rgb(feats: torch.Tensor, fg_threshold: float | None = 0.0, *, orient: Orient = "border",
