@@ -102,3 +102,21 @@ def test_extract_writes_pca_png(tiny_pipeline_dir, image_folder, tmp_path):
                  "--taps", "us6,us9", "--pca", "us9"]) == 0
     png = tmp_path / "f_pca" / "a.png.us9.png"
     assert Image.open(png).size == (120, 90)  # the original image size
+
+
+@pytest.mark.slow
+def test_extract_splits_images_across_processes(tiny_pipeline_dir, image_folder, tmp_path):
+    """Under a distributed launcher each process extracts its share; the parts are merged into --out."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "mp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cleandift.cli.main",
+           "extract", str(image_folder), "--model", str(tiny_pipeline_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    feats, meta = load_features(out)
+    assert sorted(feats) == ["a.png", "c.png", "sub/b.jpg"]
+    assert sorted(p for p, _ in meta["failed"]) == sorted(str(image_folder / n) for n in ("broken.jpg", "empty.png",
+                                                                                         "tiny.png"))
+    assert not list(tmp_path.glob("mp.part*"))

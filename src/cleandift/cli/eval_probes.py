@@ -61,20 +61,22 @@ def add_probe_commands(task_subparsers) -> None:
     knn.set_defaults(func=run_knn_command)
 
 
-def add_feature_args(parser: argparse.ArgumentParser, task: str) -> None:
-    """Feature-reading flags shared by ``eval`` probes and ``analyze sweep``."""
-    d = TASK_DEFAULTS[task]
+def add_feature_args(parser: argparse.ArgumentParser, task: str | None) -> None:
+    """Feature-reading flags shared by ``eval`` probes and ``analyze sweep`` (``task=None``: per-task defaults later)."""
+    d = TASK_DEFAULTS.get(task, {"prompt": None, "split": None})
+    prompt_help = f"default {d['prompt']!r}" if task else "default: the task's"
+    split_help = f"default {d['split']}" if task else "default: the task's"
     group = parser.add_argument_group("features")
     group.add_argument("--taps", default="us6", help="tap(s), comma-separated (default us6 = DIFT's map)")
     group.add_argument("--size", type=int, default=None, help="model frame side (default: the model's resolution)")
     group.add_argument("--resize", default="stretch", choices=("stretch", "pad", "crop"),
                        help="how images are put into the frame (default stretch)")
-    group.add_argument("--prompt", default=d["prompt"], help=f"text prompt for every image (default {d['prompt']!r})")
+    group.add_argument("--prompt", default=d["prompt"], help=f"text prompt for every image ({prompt_help})")
     group.add_argument("--extract-batch", type=int, default=4, help="images per extractor call (default 4)")
     group.add_argument("--seed", type=int, default=0, help="noise / probe seed (default 0)")
     group.add_argument("--cache-dir", default=None, help="cache per-image features here (reused across runs)")
     group.add_argument("--train-split", default="train", help="training split (default train)")
-    group.add_argument("--split", default=d["split"], help=f"evaluation split (default {d['split']})")
+    group.add_argument("--split", default=d["split"], help=f"evaluation split ({split_help})")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

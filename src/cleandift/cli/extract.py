@@ -82,8 +82,9 @@ def run(args) -> int:
     if not paths:
         log.error("no images found in %s", " ".join(args.images))
         return 2
-    state = PartialState()
-    device = resolve_device(args.device) if state.num_processes == 1 else state.device
+    wanted = resolve_device(args.device)
+    state = PartialState(cpu=wanted.type == "cpu")  # cpu=True lets torchrun / accelerate form a CPU process group
+    device = wanted if state.num_processes == 1 else state.device
     backbone = load_backbone(args.model, device=device, dtype=resolve_dtype(args.dtype),
                              single_file_config=args.single_file_config)
     extractor = build_extractor(args, backbone)

@@ -91,7 +91,7 @@ class TrainConfig:
     sample_posterior: bool = True
     # bookkeeping
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1  # a full SD-1.5 state is ~11 GB (student + Adam); older ones are deleted
     val_every: int = 100
     log_every: int = 1
     export: bool = True

@@ -95,8 +95,8 @@ def check_images(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], lis
 
 def split_validation(records: Sequence[ImageRecord], n_val: int, seed: int
                      ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Hold out ``n_val`` images (seeded choice) for validation; keeps at least one for training."""
-    n_val = min(n_val, max(0, len(records) - 1), len(records) // 2 if len(records) < 2 * n_val else n_val)
+    """Hold out ``n_val`` images (seeded choice) for validation, at most a quarter of the folder."""
+    n_val = min(n_val, len(records) // 4)
     if n_val <= 0:
         return list(records), []
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
