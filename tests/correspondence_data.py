@@ -1,4 +1,4 @@
-"""Writers for tiny SPair-71k and PF-Pascal datasets in their exact on-disk formats, and a synthetic descriptor.
+"""Writers of tiny SPair-71k and PF-Pascal datasets in their exact on-disk formats; a synthetic descriptor.
 
 Images are random colour blocks (8 x 8 px), so a descriptor that averages each block knows exactly
 where every keypoint lands; pairs are (image, itself) and (image, its left-right mirror) with the
@@ -50,11 +50,13 @@ def write_spair(root: Path, categories=("cat", "dog"), split: str = "test") -> P
         save_jpeg(b, root / "JPEGImages" / cat / f"{names['b']}.jpg")
         for key, kps in (("a", KPS), ("b", mirror_points(KPS))):
             ann = {"filename": f"{names[key]}.jpg", "category": cat, "image_width": W, "image_height": H,
-                   "bndbox": [0, 0, W, H], "kps": {str(i): (kps[i] if i < len(kps) else None) for i in range(6)}}
+                   "bndbox": [0, 0, W, H],
+                   "kps": {str(i): (kps[i] if i < len(kps) else None) for i in range(6)}}
             write_json(root / "ImageAnnotation" / cat / f"{names[key]}.json", ann)
         for pid, (trg, trg_kps) in enumerate((("a", KPS), ("b", mirror_points(KPS)))):
             pair = spair_pair(pid + 1, cat, names["a"], names[trg], KPS, trg_kps)
-            write_json(root / "PairAnnotation" / split / f"{pid + 1:06d}-{names['a']}-{names[trg]}:{cat}.json", pair)
+            name = f"{pid + 1:06d}-{names['a']}-{names[trg]}:{cat}.json"
+            write_json(root / "PairAnnotation" / split / name, pair)
     return root
 
 
@@ -76,7 +78,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_pfpascal(parent: Path, split: str = "test") -> Path:
-    """``<parent>/PF-dataset-PASCAL/{JPEGImages, test_pairs_pf_pascal.csv}`` with paths relative to ``parent``."""
+    """``<parent>/PF-dataset-PASCAL/{JPEGImages, test_pairs_pf_pascal.csv}``; CSV paths relative to parent."""
     root = Path(parent) / "PF-dataset-PASCAL"
     rows = []
     for cls_id, seed in ((8, 1), (12, 2)):  # cat, dog
@@ -84,14 +86,22 @@ def write_pfpascal(parent: Path, split: str = "test") -> Path:
         save_jpeg(a, root / "JPEGImages" / f"2009_00{seed}a.jpg")
         save_jpeg(a[:, ::-1].copy(), root / "JPEGImages" / f"2009_00{seed}b.jpg")
         for trg, kps in ((f"2009_00{seed}a", KPS), (f"2009_00{seed}b", mirror_points(KPS))):
-            rows.append([f"PF-dataset-PASCAL/JPEGImages/2009_00{seed}a.jpg", f"PF-dataset-PASCAL/JPEGImages/{trg}.jpg",
-                         cls_id, ";".join(str(p[0]) for p in KPS), ";".join(str(p[1]) for p in KPS),
-                         ";".join(str(p[0]) for p in kps), ";".join(str(p[1]) for p in kps)])
+            images = "PF-dataset-PASCAL/JPEGImages"
+            rows.append([f"{images}/2009_00{seed}a.jpg", f"{images}/{trg}.jpg", cls_id,
+                         *coords(KPS), *coords(kps)])
     write_csv(root / f"{split}_pairs_pf_pascal.csv", rows)
     return root
 
 
-def write_csv(path: Path, rows, header=("source_image", "target_image", "class", "XA", "YA", "XB", "YB")) -> None:
+def coords(kps) -> list[str]:
+    """``[[x, y], ...]`` -> the two ``;``-separated columns (X, Y) of the PF-Pascal CSVs."""
+    return [";".join(str(p[0]) for p in kps), ";".join(str(p[1]) for p in kps)]
+
+
+CSV_HEADER = ("source_image", "target_image", "class", "XA", "YA", "XB", "YB")
+
+
+def write_csv(path: Path, rows, header=CSV_HEADER) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -101,16 +111,25 @@ def write_csv(path: Path, rows, header=("source_image", "target_image", "class",
 
 
 class BlockDescriptor:
-    """Synthetic dense descriptor: the mean colour of each 8 x 8 block (+ a constant), counting calls."""
+    """Synthetic dense descriptor of each 8 x 8 block's mean colour, counting calls.
 
-    def __init__(self, size=(W, H), resize: str = "stretch") -> None:
+    The colour goes through random Fourier features (256 dims, bandwidth ~1/30 of the colour range),
+    so equal colours have cosine ~1 and different blocks ~0 -- sharp enough for a soft-argmax at
+    temperature 0.02, unlike raw 3-d colours whose cosines are all high.
+    """
+
+    def __init__(self, size=(W, H), resize: str = "stretch", dims: int = 256, scale: float = 30.0) -> None:
         self.size = size
         self.resize = resize
         self.calls = 0
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(dims, 3, generator=g) * scale
+        self.phase = torch.rand(dims, generator=g) * 2 * torch.pi
 
     def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
         self.calls += images.shape[0]
-        return F.avg_pool2d(images.float(), BLOCK)
+        colours = F.avg_pool2d(images.float(), BLOCK)  # (B, 3, h, w)
+        return torch.cos(torch.einsum("dc,bchw->bdhw", self.proj, colours) + self.phase[None, :, None, None])
 
     def describe(self) -> dict:
         return {"kind": "block-colour", "block": BLOCK, "size": list(self.size), "resize": self.resize}

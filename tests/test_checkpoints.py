@@ -85,8 +85,13 @@ def test_missing_and_unexpected_keys_are_listed(tiny_backbone, tmp_path):
 
 
 def test_ldm_layout_is_recognised():
-    with pytest.raises(CheckpointMismatchError, match="original \\(LDM\\)"):
-        split_checkpoint({"model.diffusion_model.out.2.weight": torch.zeros(1)}, "x.ckpt")
+    # A U-Net-only LDM file is a student (converted back to diffusers keys) ...
+    ckpt = split_checkpoint({"model.diffusion_model.out.2.weight": torch.zeros(1)}, "x.ckpt")
+    assert ckpt.format == "ldm-unet" and list(ckpt.student) == ["conv_out.weight"]
+    # ... a whole LDM backbone (U-Net + VAE / text encoder) is refused with the fix.
+    with pytest.raises(CheckpointMismatchError, match="original \\(LDM\\).*pass it as --model"):
+        split_checkpoint({"model.diffusion_model.out.2.weight": torch.zeros(1),
+                          "first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, "x.ckpt")
 
 
 def test_pickle_files_are_loaded_weights_only(tiny_backbone, tmp_path):

@@ -19,9 +19,6 @@ from cleandift.eval.depth import (
 from cleandift.eval.probe_common import FeatureSpec, ProbeTrainConfig, sample_frame_grid, sample_original
 from cleandift.images import resize_image
 
-h5py = pytest.importorskip("h5py")
-scipy_io = pytest.importorskip("scipy.io")
-
 H, W = 32, 40  # non-square, so a transposition bug cannot go unnoticed
 
 
@@ -52,6 +49,8 @@ def _scenes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_nyu_mat(folder, imgs, deps, train_idx=None, test_idx=None):
     """The official labelled-set layout: HDF5 (v7.3) .mat, arrays in transposed MATLAB order + splits.mat (1-based)."""
+    h5py = pytest.importorskip("h5py")
+    scipy_io = pytest.importorskip("scipy.io")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "nyu_depth_v2_labeled.mat"
     with h5py.File(path, "w", userblock_size=512) as f:
@@ -82,6 +81,15 @@ def nyu(tmp_path_factory):
     return write_nyu_mat(folder, imgs, deps, range(1, 9), range(9, 13)), imgs, deps
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """These tensors are tiny: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- readers
 def test_nyu_mat_reader_undoes_matlab_transpose(nyu):
     path, imgs, deps = nyu
@@ -110,7 +118,7 @@ def test_nyu_errors_name_the_file(tmp_path, nyu):
         NYUv2Labeled(empty, "train")
     v5 = tmp_path / "v5" / "nyu_depth_v2_labeled.mat"
     v5.parent.mkdir()
-    scipy_io.savemat(v5, {"images": np.zeros((1, 3, 2, 2))})
+    pytest.importorskip("scipy.io").savemat(v5, {"images": np.zeros((1, 3, 2, 2))})
     with pytest.raises(DatasetError, match="HDF5"):
         NYUv2Labeled(v5, "all")
 
@@ -213,7 +221,8 @@ def test_probe_learns_linear_depth_and_roundtrips(nyu, tmp_path):
     train, test = NYUv2Labeled(path, "train"), NYUv2Labeled(path, "test")
     spec = FeatureSpec(taps="f", size=32)
     cfg = ProbeTrainConfig(epochs=60, lr=0.1, batch_size=8)
-    untrained = run_depth_probe(PoolExtractor(), train, test, spec, ProbeTrainConfig(epochs=1, lr=1e-9), progress=False)
+    untrained = run_depth_probe(PoolExtractor(), train, test, spec, ProbeTrainConfig(epochs=1, lr=1e-9),
+                                progress=False)
     result = run_depth_probe(PoolExtractor(), train, test, spec, cfg, progress=False,
                              save_path=tmp_path / "probe.safetensors")
     m = result.metrics
@@ -249,9 +258,9 @@ def _probe_parser():
 
 
 def test_cli_depth_on_tiny_model(tmp_path, tiny_pipeline_dir):
-    imgs, deps = _scenes(3)
-    root = write_depth_folder(tmp_path / "data", imgs[:2], deps[:2], "train")
-    write_depth_folder(root, imgs[2:], deps[2:], "test")
+    imgs, deps = _scenes(2)
+    root = write_depth_folder(tmp_path / "data", imgs[:1], deps[:1], "train")
+    write_depth_folder(root, imgs[1:], deps[1:], "test")
     out = tmp_path / "res" / "depth.json"
     args = _probe_parser().parse_args([
         "depth", "--root", str(root), "--model", str(tiny_pipeline_dir), "--device", "cpu", "--mode", "noisy",

@@ -26,6 +26,16 @@ SD_CH = 64 * 3  # tiny model: us8 / us5 / us2 have 64 channels each
 DINO_CH = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP
+    spin-waiting makes them 10-30x slower; restore the setting for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
@@ -84,7 +94,7 @@ def test_co_pca_is_joint_exact_and_order_independent():
     rows = torch.cat([a.flatten(1).T, b.flatten(1).T])
     s = torch.linalg.svdvals(rows - rows.mean(0))
     torch.testing.assert_close(torch.diag(cov), s[:4] ** 2 / (rows.shape[0] - 1), rtol=1e-4, atol=1e-5)
-    qb, qa = fu.co_pca(b, a, 4)  # the basis depends on the pair, not on which image comes first
+    _, qa = fu.co_pca(b, a, 4)  # the basis depends on the pair, not on which image comes first
     torch.testing.assert_close(qa, pa, rtol=1e-4, atol=1e-5)
     assert fu.co_pca(a, b, 100)[0].shape[0] == 12  # clipped to the channels
 
@@ -179,7 +189,28 @@ def test_features_do_not_depend_on_the_batch(tiny_backbone, dino, images):
     desc = fu.TLFRDescriptor(noisy, dino, sd_size=SD, seed=42)
     both = desc(images, ["a photo of a cat", "a photo of a dog"])
     torch.testing.assert_close(both[1:], desc(images[1:], "a photo of a dog"))
-    torch.testing.assert_close(both, desc(images, ["a photo of a cat", "a photo of a dog"]))
+
+
+class SeedSpy:
+    """Wraps an extractor and records the seed of the generator each call gets."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seeds = inner, []
+        self.backbone, self.noise_mode = inner.backbone, inner.noise_mode
+
+    def __call__(self, images, prompts=None, taps=None, generator=None):
+        self.seeds.append(generator.initial_seed())
+        return self.inner(images, prompts=prompts, taps=taps, generator=generator)
+
+
+@pytest.mark.parametrize("noise", ["shared", "independent"])
+def test_shared_noise_is_one_draw_for_every_image(tiny_backbone, dino, images, noise):
+    spy = SeedSpy(NoisyExtractor(tiny_backbone, t=100, ensemble=1, noise=noise, sample_posterior=False))
+    fu.SDDinoDescriptor(spy, dino, sd_size=SD, seed=42)(images)
+    if noise == "shared":  # SD-DINO / TLFR: a fixed noise (seed 42) shared by all images
+        assert spy.seeds == [42, 42]
+    else:  # DIFT-style: independent per image, still reproducible from the image content
+        assert spy.seeds[0] != spy.seeds[1]
 
 
 def test_describe_tracks_feature_settings(extractor, dino):
@@ -206,7 +237,7 @@ def test_builders(extractor, dino, dino_dir):
     assert f.describe() == t.describe() and f.size == t.size
 
 
-def test_build_descriptor_from_preset_settings(tiny_pipeline_dir, extractor, dino_dir, tmp_path):
+def test_build_descriptor_from_preset_settings(tiny_pipeline_dir, tiny_backbone, extractor, dino_dir, tmp_path):
     from cleandift.eval.presets import resolve_settings
 
     fusion = dict(dinov2=str(dino_dir), dino_size=112, dino_layer=-1, facet="token", co_pca=True, pca_dims=(8, 8, 8),
@@ -215,6 +246,10 @@ def test_build_descriptor_from_preset_settings(tiny_pipeline_dir, extractor, din
     desc = fu.build_descriptor(s, extractor=extractor, device="cpu")
     assert isinstance(desc, fu.SDDinoDescriptor) and desc.taps == ("us8", "us5", "us2")
     assert desc.match == fu.NN_CELLS and desc.seed == 42 and desc.resize == "pad"
+    from cleandift.eval.presets import build_descriptor as preset_build
+
+    wired = preset_build(s, backbone=tiny_backbone)  # the presets' lazy import reaches this module
+    assert isinstance(wired, fu.SDDinoDescriptor) and wired.describe()["extractor"]["mode"] == "noisy"
     tlfr = dict(dinov2=str(dino_dir), dino_size=112, dino_layer=-1, facet="token", adaptive_flip=True, freeu=False)
     with pytest.raises(ConfigError, match="flip_permutations"):
         fu.build_descriptor(resolve_settings("tlfr-zero-shot", size=SD, fusion=tlfr), extractor=extractor)
@@ -290,7 +325,7 @@ def _context(desc, src_img, trg_img, kps_all, kps_ids, category="cat") -> PairCo
         return desc((img.flip(-1) if flipped else img)[None])[0]
 
     return PairContext(category, "src", "trg", (64, 64), (64, 64), identity, identity, kps_ids=tuple(kps_ids),
-                       get_features=get_features, extra={"src_kps_all": kps_all})
+                       get_features=get_features, extra={} if kps_all is None else {"src_kps_all": kps_all})
 
 
 TRG_KPS = torch.tensor([[10.0, 20.0], [50.0, 22.0], [32.0, 40.0], [20.0, 50.0]])
@@ -360,10 +395,27 @@ def test_tlfr_match_pair_end_to_end(extractor, dino, images):
     identity = ResizeTransform(SD, SD, SD, SD, 1.0, 1.0, 0.0, 0.0, "pad")
     feats = {"src": desc(images[:1])[0], "trg": desc(images[1:])[0]}
     ctx = PairContext("cat", "src", "trg", (SD, SD), (SD, SD), identity, identity, kps_ids=(0, 1),
-                      get_features=lambda i, flipped=False: desc((images[:1].flip(-1) if flipped else images[:1]))[0]
+                      get_features=lambda i, flipped=False: desc(images[:1].flip(-1) if flipped else images[:1])[0]
                       if i == "src" else feats[i],
                       extra={"src_kps_all": torch.tensor([[20.0, 30.0], [90.0, 31.0]])})
     pred = desc.match_pair(feats["src"], feats["trg"], torch.tensor([[20.0, 30.0], [90.0, 31.0]]), ctx)
     assert pred.shape == (2, 2) and torch.isfinite(pred).all()
     assert (pred >= -0.5).all() and (pred <= SD - 0.5).all()
     assert desc.last_decision is not None
+
+
+def test_adaptive_flip_without_all_source_keypoints_uses_the_queried_partners():
+    base = ConvDescriptor()
+    trg = _smooth_image(3)
+    src = trg.flip(-1)
+    kps = _mirrored_source_kps()
+    ids = [0, 2, 3]  # keypoint 1 (partner of 0) is not queried -> keypoint 0 keeps its original match
+    ctx = _context(base, src, trg, None, ids)
+    s, t = base(src[None])[0], base(trg[None])[0]
+    original = fu._match(s, t, kps[ids], ctx, base.match)
+    pred = fu.AdaptiveFlipDescriptor(base, {"cat": PERM}, distance_size=None).match_pair(s, t, kps[ids], ctx)
+    torch.testing.assert_close(pred[0], original[0])
+    torch.testing.assert_close(pred[1:], TRG_KPS[[2, 3]])
+    ctx_all = _context(base, src, trg, None, range(4))
+    full = fu.AdaptiveFlipDescriptor(base, {"cat": PERM}, distance_size=None).match_pair(s, t, kps, ctx_all)
+    torch.testing.assert_close(full, TRG_KPS)

@@ -27,7 +27,8 @@ def interior_points(h_img, w_img, n=12, seed=0, margin=6):
 def dift_reference(src_map, trg_map, src_xy, src_hw, trg_hw):
     """DIFT's eval_spair.py recipe, literally: upsample both maps to the image, index, cosine, argmax."""
     up_src = F.interpolate(src_map[None], size=src_hw, mode="bilinear", align_corners=False)[0]
-    up_trg = F.normalize(F.interpolate(trg_map[None], size=trg_hw, mode="bilinear", align_corners=False)[0], dim=0)
+    up_trg = F.interpolate(trg_map[None], size=trg_hw, mode="bilinear", align_corners=False)[0]
+    up_trg = F.normalize(up_trg, dim=0)
     out = []
     for x, y in src_xy.long().tolist():
         v = F.normalize(up_src[:, y, x], dim=0)
@@ -39,7 +40,8 @@ def dift_reference(src_map, trg_map, src_xy, src_hw, trg_hw):
 def test_identical_images_match_perfectly():
     f = random_map()
     pts = interior_points(48, 64)
-    for grid_kw in ({"grid": "pixels"}, {"grid": "pixels", "method": "soft-argmax", "window": 1, "temperature": 1e-4}):
+    soft = {"grid": "pixels", "method": "soft-argmax", "window": 1, "temperature": 1e-4}
+    for grid_kw in ({"grid": "pixels"}, soft):
         pred = match_points(f, f, pts, (48, 64), (48, 64), **grid_kw)
         assert torch.allclose(pred, pts, atol=1e-3), grid_kw
 
@@ -60,6 +62,26 @@ def test_stretch_transform_reproduces_matching_in_the_original_frame():
     pts = interior_points(40, 52, seed=6, margin=0)
     via_tf = match_points(src, trg, pts, (40, 52), (37, 61), src_transform=tf_src, trg_transform=tf_trg)
     assert torch.allclose(via_tf, dift_reference(src, trg, pts, (40, 52), (37, 61)))
+
+
+@pytest.mark.parametrize("policy", ["stretch", "pad", "crop"])
+def test_separable_cosines_equal_brute_force_sampling(policy):
+    """The never-materialised upsampled map gives the same cosines as sampling every pixel."""
+    from cleandift.features import sample_points
+
+    trg = random_map(c=24, h=5, w=7, seed=12)
+    q = F.normalize(torch.randn(3, 24, generator=torch.Generator().manual_seed(13)), dim=-1)
+    h_img, w_img = 23, 31
+    _, tf = resize_image(Image.new("RGB", (w_img, h_img)), 56, policy)
+    ys, xs = torch.meshgrid(torch.arange(h_img).float(), torch.arange(w_img).float(), indexing="ij")
+    pix = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    vecs = F.normalize(sample_points(trg[None], tf.to_model(pix)[None], (56, 56))[0], dim=-1)
+    brute = (q @ vecs.t()).view(3, h_img, w_img).double()
+    xs_m = tf.to_model(torch.stack([torch.arange(w_img).float(), torch.zeros(w_img)], -1))[:, 0]
+    ys_m = tf.to_model(torch.stack([torch.zeros(h_img), torch.arange(h_img).float()], -1))[:, 1]
+    fast = matching._pixel_cosines(q, trg, matching._axis(ys_m, 5, 56), matching._axis(xs_m, 7, 56),
+                                   matching.neighbour_gram(trg))
+    assert torch.allclose(fast, brute, atol=1e-5)
 
 
 def test_pad_transform_identity():
@@ -131,7 +153,8 @@ def test_soft_argmax_on_cells_maps_fractional_cells_to_pixels():
     f[1, 1, 1] = f[1, 1, 2] = 5.0  # two equally best cells for a query along channel 1
     q = torch.zeros(2, 3, 4)
     q[1] = 1.0  # every source cell points along channel 1
-    pred = match_points(q, f, torch.tensor([[5.0, 5.0]]), (30, 40), (30, 40), grid="cells", method="soft-argmax")
+    pred = match_points(q, f, torch.tensor([[5.0, 5.0]]), (30, 40), (30, 40), grid="cells",
+                        method="soft-argmax")
     # cells (row 1, cols 1 and 2) of 10 px are centred at x = 14.5 and 24.5, y = 14.5 -> midpoint
     assert torch.allclose(pred, torch.tensor([[19.5, 14.5]]), atol=1e-4)
 

@@ -73,7 +73,8 @@ def test_padded_and_invisible_keypoints_are_excluded():
     valid = torch.tensor([[True, True, True, True], [True, True, True, True]])
     assert keypoint_mask(gt).tolist() == [[True, False, False, True], [False] * 4]
     # the padded prediction matches the padded "ground truth" exactly, yet is not counted as correct
-    assert pck_correct(pred, gt, 100.0, 0.1, valid=valid).tolist() == [[True, False, False, False], [False] * 4]
+    expected = [[True, False, False, False], [False] * 4]
+    assert pck_correct(pred, gt, 100.0, 0.1, valid=valid).tolist() == expected
     m = PCK(alphas=(0.1,), thresholds=("bbox",))
     m.update(pred, gt, bbox=[[0, 0, 100, 100]] * 2, valid=valid, category=["a", "b"])
     r = m.compute()
@@ -111,7 +112,8 @@ def test_functional_matches_a_slow_reference_loop():
             for comparison in ("<=", "<"):
                 correct, total, per_pair = 0, 0, []
                 for i in range(b):
-                    thr = max(boxes[i, 2] - boxes[i, 0], boxes[i, 3] - boxes[i, 1]) if kind == "bbox" else sizes[i].max()
+                    box_side = max(boxes[i, 2] - boxes[i, 0], boxes[i, 3] - boxes[i, 1])
+                    thr = box_side if kind == "bbox" else sizes[i].max()
                     c = k = 0
                     for j in range(n):
                         if gt[i, j, 0] < 0:
@@ -123,7 +125,8 @@ def test_functional_matches_a_slow_reference_loop():
                     if k:
                         per_pair.append(c / k)
                 m = PCK(alphas=(alpha,), thresholds=(kind,), comparison=comparison)
-                m.update(torch.tensor(pred), torch.tensor(gt), bbox=torch.tensor(boxes), image_size=torch.tensor(sizes))
+                m.update(torch.tensor(pred), torch.tensor(gt), bbox=torch.tensor(boxes),
+                         image_size=torch.tensor(sizes))
                 r = m.compute()
                 assert r[pck_key(alpha, kind, "per-point")] == pytest.approx(100 * correct / total)
                 assert r[pck_key(alpha, kind, "per-image")] == pytest.approx(100 * np.mean(per_pair))
@@ -158,4 +161,5 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="N, 2"):
         pck_correct(t([[0, 0]]), t([[0, 0], [1, 1]]), 10.0)
     with pytest.raises(ValueError, match="categories"):
-        PCK(thresholds=("img",)).update(t([[[0, 0]]] * 2), t([[[0, 0]]] * 2), image_size=(9, 9), category=["a"])
+        PCK(thresholds=("img",)).update(t([[[0, 0]]] * 2), t([[[0, 0]]] * 2), image_size=(9, 9),
+                                        category=["a"])

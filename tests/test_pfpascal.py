@@ -20,8 +20,10 @@ def rewrite(root, rows, header=True, name="test_pairs_pf_pascal.csv"):
     write_csv(root / name, rows, **kw)
 
 
-def good_row(cls=8, src="PF-dataset-PASCAL/JPEGImages/2009_001a.jpg", trg="PF-dataset-PASCAL/JPEGImages/2009_001b.jpg",
-             kps=KPS, trg_kps=None):
+IMAGES = "PF-dataset-PASCAL/JPEGImages"
+
+
+def good_row(cls=8, src=f"{IMAGES}/2009_001a.jpg", trg=f"{IMAGES}/2009_001b.jpg", kps=KPS, trg_kps=None):
     trg_kps = trg_kps if trg_kps is not None else mirror_points(kps)
     return [src, trg, cls, ";".join(str(p[0]) for p in kps), ";".join(str(p[1]) for p in kps),
             ";".join(str(p[0]) for p in trg_kps), ";".join(str(p[1]) for p in trg_kps)]
@@ -62,7 +64,8 @@ def test_missing_csv_and_bad_splits(pascal):
 def test_unknown_category_and_empty_split(pascal):
     with pytest.raises(DatasetError, match="unknown category 'unicorn'.*diningtable"):
         read_pfpascal(pascal, categories=["unicorn"])
-    with pytest.raises(DatasetError, match="test_pairs_pf_pascal.csv: no pairs for categories sofa.*empty split"):
+    message = "test_pairs_pf_pascal.csv: no pairs for categories sofa.*empty split"
+    with pytest.raises(DatasetError, match=message):
         read_pfpascal(pascal, categories=["sofa"])
     rewrite(pascal, [])
     with pytest.raises(DatasetError, match="empty split"):

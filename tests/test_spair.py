@@ -79,7 +79,8 @@ def test_missing_split_folder_and_empty_split(tmp_path, spair):
 
 def test_missing_image_file(spair):
     (spair / "JPEGImages" / "dog" / "dog_b.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"dog_b\.jpg: image file not found \(referenced by .*:dog\.json\)"):
+    message = r"dog_b\.jpg: image file not found \(referenced by .*:dog\.json\)"
+    with pytest.raises(DatasetError, match=message):
         read_spair(spair)
 
 

@@ -75,7 +75,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], source: str = "<state dict>") -> StudentCheckpoint:
-    """Detect the format of a state dict and split it into student / heads / teacher / timestep."""
+    """Detect the format of a state dict and split it into student / heads / teacher / timestep.
+
+    A U-Net-only file in the original LDM layout (``model.diffusion_model.*``, as ODISE-based
+    pipelines use) is converted back to diffusers keys (format ``"ldm-unet"``).
+    """
     if any(k.startswith(STUDENT_PREFIX) for k in state):
         student = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
         teacher = {k[len(TEACHER_PREFIX):]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)} or None
@@ -83,10 +87,25 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "<state dict>
         timestep = float(state["timestep"].float().item()) if "timestep" in state else None
         return StudentCheckpoint(source, "full", student, heads, teacher, timestep)
     if any(k.startswith("model.diffusion_model.") for k in state):
-        raise CheckpointMismatchError(
-            f"{source}: keys look like an original (LDM) Stable Diffusion checkpoint, not a diffusers U-Net; "
-            "pass it as --model (a single-file backbone), or convert it with diffusers' from_single_file"
-        )
+        # A U-Net in the original (LDM) layout, e.g. a student converted for ODISE-based pipelines.
+        from .ldm_format import LDM_OTHER_MODEL_PREFIXES, LDM_UNET_PREFIX, unet_from_ldm  # noqa: PLC0415
+
+        others = sorted(k for k in state if not k.startswith(LDM_UNET_PREFIX))
+        if any(k.startswith(LDM_OTHER_MODEL_PREFIXES) for k in others):
+            raise CheckpointMismatchError(
+                f"{source}: an original (LDM) Stable Diffusion checkpoint with VAE / text-encoder weights, i.e. a "
+                "whole backbone, not a student U-Net; pass it as --model (a single-file backbone)"
+            )
+        if others:
+            raise CheckpointMismatchError(
+                f"{source}: an original (LDM) U-Net checkpoint with {len(others)} unexpected non-U-Net key(s), "
+                f"e.g. {', '.join(others[:3])}; keep only the model.diffusion_model.* keys"
+            )
+        try:
+            student = unet_from_ldm(state)
+        except ValueError as exc:
+            raise CheckpointMismatchError(f"{source}: not an SD 1.x / 2.x U-Net in the LDM layout ({exc})") from exc
+        return StudentCheckpoint(source, "ldm-unet", student)
     heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
     student = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES) and k != "timestep"}
     timestep = float(state["timestep"].float().item()) if "timestep" in state else None

@@ -46,8 +46,8 @@ def alignment_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.
                    kind: LossKind = "cosine") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and per-tap losses for channels-last features ``{tap: (N, HW, C)}``.
 
-    ``pred`` and ``target`` must have the same taps and shapes. Computed in float32 (bf16 cosine
-    similarities of 1280-d vectors lose ~2 digits). The teacher ``target`` is detached here, so a
+    ``pred`` and ``target`` must have the same taps and shapes. Computed in (at least) float32:
+    bf16 cosine similarities of 1280-d vectors lose ~2 digits. The teacher ``target`` is detached here, so a
     caller can never push gradients into the teacher by mistake.
     """
     fn = _FUNCS[check_loss(kind)]
@@ -58,7 +58,8 @@ def alignment_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.
         t = target[name]
         if p.shape != t.shape:
             raise ValueError(f"tap {name}: pred {tuple(p.shape)} vs target {tuple(t.shape)}")
-        per_tap[name] = fn(p.float(), t.detach().float())
+        dtype = torch.promote_types(p.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
+        per_tap[name] = fn(p.to(dtype), t.detach().to(dtype))
     if not per_tap:
         raise ValueError("no taps to align")
     total = torch.stack(list(per_tap.values())).sum()

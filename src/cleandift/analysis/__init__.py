@@ -1,1 +1,1 @@
-"""Analyses of diffusion features: timestep sweeps of downstream scores and the noise-variance decomposition (paper §3.1)."""
+"""Analyses of diffusion features: timestep sweeps of downstream scores, noise-variance decomposition (paper §3.1)."""

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from tqdm import tqdm
-
-logger = logging.getLogger(__name__)
 
 Centering = Literal["channel", "global", "none"]
 FeatureFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]

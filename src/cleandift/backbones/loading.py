@@ -120,6 +120,11 @@ def _load_single_file(path: Path, dtype: torch.dtype, resolution: int | None, lo
             "; offline, pass --config DIR (a diffusers folder of the same model family whose "
             "unet/vae/text_encoder/tokenizer/scheduler configs describe this checkpoint)"
         )
+        from ..ldm_format import is_ldm_unet_only_file  # noqa: PLC0415
+
+        if is_ldm_unet_only_file(path):
+            hint += ("; this file holds only an LDM U-Net (model.diffusion_model.*), e.g. a converted student: "
+                     "pass it as --checkpoint together with --model BASE")
         raise BackboneNotFoundError(f"{path}: could not load as a single-file SD checkpoint: "
                                     f"{type(exc).__name__}: {_first_line(exc)}{hint}") from exc
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

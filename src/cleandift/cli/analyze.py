@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
 from ..timesteps import validate_timestep
-from .common import add_model_args
+from .common import add_model_args, resolve_device
 from .eval_probes import TASK_DEFAULTS, add_feature_args, add_train_args, feature_spec, load_model, train_config
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _register_sweep(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (sweep.json, sweep.csv, sweep.png)")
     add_model_args(p)
     add_feature_args(p, None)  # prompt / split defaults depend on --task, filled in at run time
-    add_train_args(p)
+    add_train_args(p, save_flag=False)  # one probe per sweep point: weights are not kept
     p.add_argument("--k", type=int, default=10, help="kNN neighbours (task knn)")
     p.add_argument("--eval-crop", default="none", choices=("none", "eigen"), help="depth evaluation crop")
     p.set_defaults(func=run_sweep)
@@ -117,11 +117,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     d = TASK_DEFAULTS[args.task]
     args.prompt = d["prompt"] if args.prompt is None else args.prompt
     args.split = args.split or d["split"]
-    task_config = _task_config(args)
-    backbone, student, t_student = load_model(args)
     scorer = make_task_scorer(args.task, args.root, train_split=args.train_split, eval_split=args.split,
-                              spec=feature_spec(args), train=train_config(args), task_config=task_config,
-                              cache_dir=args.cache_dir, device=backbone.device, progress=not args.no_progress)
+                              spec=feature_spec(args), train=train_config(args), task_config=_task_config(args),
+                              cache_dir=args.cache_dir, device=resolve_device(args.device),
+                              progress=not args.no_progress)  # opens the datasets: fails before the model loads
+    backbone, student, t_student = load_model(args)
     result = timestep_sweep(scorer, backbone, args.ts, student=student, student_timestep=t_student,
                             ensemble=args.ensemble, naive_clean=not args.no_naive, taps=args.taps,
                             progress=not args.no_progress)

@@ -62,7 +62,7 @@ def add_probe_commands(task_subparsers) -> None:
 
 
 def add_feature_args(parser: argparse.ArgumentParser, task: str | None) -> None:
-    """Feature-reading flags shared by ``eval`` probes and ``analyze sweep`` (``task=None``: per-task defaults later)."""
+    """Feature flags shared by ``eval`` probes and ``analyze sweep`` (``task=None``: per-task defaults at run time)."""
     d = TASK_DEFAULTS.get(task, {"prompt": None, "split": None})
     prompt_help = f"default {d['prompt']!r}" if task else "default: the task's"
     split_help = f"default {d['split']}" if task else "default: the task's"
@@ -93,7 +93,7 @@ def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--out", default=None, help="write results JSON here (default: print to stdout)")
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
+def add_train_args(parser: argparse.ArgumentParser, save_flag: bool = True) -> None:
     """Probe optimisation flags (see :class:`cleandift.eval.probe_common.ProbeTrainConfig`)."""
     group = parser.add_argument_group("probe training")
     group.add_argument("--epochs", type=int, default=20, help="epochs over the cached features (default 20)")
@@ -104,8 +104,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     group.add_argument("--no-standardize", action="store_true",
                        help="do not standardise feature channels inside the probe")
-    group.add_argument("--save-probe", default=None,
-                       help="probe weights (.safetensors); default <out>.probe.safetensors when --out is given")
+    if save_flag:
+        group.add_argument("--save-probe", default=None,
+                           help="probe weights (.safetensors); default <out>.probe.safetensors when --out is given")
 
 
 

@@ -1,4 +1,4 @@
-"""Per-image feature cache: extract every image once, resume interrupted evaluations, never reuse stale features.
+"""Per-image feature cache: extract each image once, resume interrupted runs, never reuse stale features.
 
 Layout::
 
@@ -112,8 +112,8 @@ class FeatureCache:
         if meta.get("settings_hash") != self.hash:
             raise CacheMismatchError(
                 f"{path}: cached features were computed with other settings (hash "
-                f"{meta.get('settings_hash', '<none>')[:16]}, expected {self.hash[:16]}); refusing to reuse them. "
-                "Delete the file or use another --cache folder")
+                f"{meta.get('settings_hash', '<none>')[:16]}, expected {self.hash[:16]}); "
+                "refusing to reuse them. Delete the file or use another --cache folder")
         if meta.get("image_id") != str(image_id):
             raise CacheMismatchError(f"{path}: holds features of image {meta.get('image_id')!r}, "
                                      f"not {image_id!r}; delete the file")
@@ -153,12 +153,13 @@ class FeatureCache:
             try:
                 stored = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise CacheMismatchError(f"{path}: unreadable cache settings ({exc}); delete the folder") from exc
+                raise CacheMismatchError(f"{path}: unreadable cache settings ({exc}); "
+                                         "delete the folder") from exc
             if canonical_json(stored) != canonical_json(self.settings):
                 diff = _first_difference(stored, self.settings)
                 raise CacheMismatchError(
-                    f"{path}: this cache folder holds features of other settings ({diff}); refusing to reuse it. "
-                    "Delete the folder or use another --cache root")
+                    f"{path}: this cache folder holds features of other settings ({diff}); "
+                    "refusing to reuse it. Delete the folder or use another --cache root")
             return
         text = json.dumps(self.settings, indent=2, sort_keys=True, default=str)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.folder)

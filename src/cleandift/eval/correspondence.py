@@ -53,11 +53,12 @@ class CorrespondenceResult:
     descriptor: dict
     dataset: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"cleandift_version": __version__, "dataset": self.dataset, "results": self.results,
-                "per_category": self.per_category, "settings": self.settings, "descriptor": self.descriptor,
-                "timing": self.timing}
+                "per_category": self.per_category, "protocol": self.protocol, "settings": self.settings,
+                "descriptor": self.descriptor, "timing": self.timing}
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + ``os.replace``)."""
@@ -97,6 +98,7 @@ class FeatureStore:
         self.memory_items = memory_items
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._transforms: dict[tuple[int, int], ResizeTransform] = {}
+        self._keypoints: dict[str, torch.Tensor | None] = {}
         self.extracted = 0
         self.loaded = 0
 
@@ -106,9 +108,28 @@ class FeatureStore:
         if key not in self._transforms:
             from PIL import Image  # noqa: PLC0415
 
-            _, tf = resize_image(Image.new("L", (key[1], key[0])), self.descriptor.size, self.descriptor.resize)
+            blank = Image.new("L", (key[1], key[0]))
+            _, tf = resize_image(blank, self.descriptor.size, self.descriptor.resize)
             self._transforms[key] = tf
         return self._transforms[key]
+
+    def image_keypoints(self, image_id: str, annotation: Path | None) -> torch.Tensor | None:
+        """All annotated keypoints of an image (SPair ``ImageAnnotation``; NaN = invisible), or ``None``.
+
+        For pair-dependent descriptors (TLFR's flip needs the left/right partners of the queried
+        keypoints). A missing file is logged once per image and yields ``None``.
+        """
+        if annotation is None:
+            return None
+        if image_id not in self._keypoints:
+            from .spair import read_image_keypoints  # noqa: PLC0415
+
+            try:
+                self._keypoints[image_id] = read_image_keypoints(annotation)
+            except DatasetError as exc:
+                log.warning("%s; pair-dependent matching continues without all source keypoints", exc)
+                self._keypoints[image_id] = None
+        return self._keypoints[image_id]
 
     def get(self, image_id: str, path: Path, category: str, size_hw: tuple[int, int],
             flipped: bool = False) -> torch.Tensor:
@@ -133,7 +154,7 @@ class FeatureStore:
         img = load_image(path)
         if (img.height, img.width) != tuple(size_hw):
             raise DatasetError(f"{path}: image is {img.width}x{img.height} but its annotation says "
-                               f"{size_hw[1]}x{size_hw[0]} (W x H); the annotation and the image do not match")
+                               f"{size_hw[1]}x{size_hw[0]} (W x H); the annotation does not match the image")
         resized, _ = resize_image(img, self.descriptor.size, self.descriptor.resize)
         batch = image_to_tensor(resized)[None]
         if flipped:
@@ -166,7 +187,8 @@ def evaluate_pairs(pairs: Sequence[CorrespondencePair], descriptor: DenseDescrip
     if not pairs:
         raise DatasetError("no pairs to evaluate")
     if not isinstance(descriptor, DenseDescriptor):
-        raise TypeError(f"{type(descriptor).__name__} is not a dense descriptor (needs size, resize, __call__, describe)")
+        raise TypeError(f"{type(descriptor).__name__} is not a dense descriptor "
+                        "(needs size, resize, __call__, describe)")
     described = descriptor.describe()
     cache_settings = {"descriptor": described, "size": descriptor.size, "resize": descriptor.resize,
                       "prompt": settings.prompt}
@@ -192,7 +214,26 @@ def evaluate_pairs(pairs: Sequence[CorrespondencePair], descriptor: DenseDescrip
         descriptor=described,
         timing={"seconds": round(seconds, 3), "pairs": len(pairs), "images_extracted": extracted,
                 "images_from_cache": loaded},
+        protocol=describe_protocol(settings),
     )
+
+
+def describe_protocol(settings: CorrespondenceSettings) -> dict:
+    """Plain-language statement of how the numbers were computed (stored with every result)."""
+    matching = (f"{settings.method} over the {settings.grid} of the target, cosine similarity, "
+                f"{settings.source} source descriptor")
+    if settings.method == "soft-argmax":
+        matching += f", window +-{settings.window}, temperature {settings.temperature}"
+    return {
+        "values": "percent of correct keypoints (0-100)",
+        "frame": "original target image, (x, y) pixel-index coordinates, pixel centres at integers",
+        "correct": f"dist / threshold {settings.comparison} alpha (Euclidean distance in original pixels)",
+        "bbox": "threshold = max(x2 - x1, y2 - y1) of the target bounding box",
+        "img": "threshold = max(H, W) of the target image",
+        "per-point": "correct keypoints / all keypoints, pooled over pairs",
+        "per-image": "mean over pairs of each pair's fraction of correct keypoints",
+        "matching": matching,
+    }
 
 
 def predict_pair(pair: CorrespondencePair, descriptor: DenseDescriptor, store: FeatureStore,
@@ -211,16 +252,21 @@ def predict_pair(pair: CorrespondencePair, descriptor: DenseDescriptor, store: F
             path, size = images[image_id]
             return store.get(image_id, path, pair.category, size, flipped=flipped)
 
-        ctx = PairContext(category=pair.category, src_id=pair.src_id, trg_id=pair.trg_id, src_size=pair.src_size,
-                          trg_size=pair.trg_size, src_transform=src_tf, trg_transform=trg_tf, kps_ids=pair.kps_ids,
-                          get_features=get_features, extra={"pair": pair, **pair.extra})
+        extra = {"pair": pair, **pair.extra}
+        kps_all = store.image_keypoints(pair.src_id, pair.extra.get("src_annotation"))
+        if kps_all is not None:
+            extra["src_kps_all"] = kps_all
+        ctx = PairContext(category=pair.category, src_id=pair.src_id, trg_id=pair.trg_id,
+                          src_size=pair.src_size, trg_size=pair.trg_size, src_transform=src_tf,
+                          trg_transform=trg_tf, kps_ids=pair.kps_ids, get_features=get_features, extra=extra)
         pred = torch.as_tensor(match_pair(src, trg, pair.src_kps, ctx), dtype=torch.float32).cpu()
     else:
         pred = match_points(src, trg, pair.src_kps, pair.src_size, pair.trg_size, method=settings.method,
                             grid=settings.grid, source=settings.source, window=settings.window,
                             temperature=settings.temperature, src_transform=src_tf, trg_transform=trg_tf)
     if pred.shape != pair.trg_kps.shape:
-        raise ValueError(f"pair {pair.pair_id}: predicted {tuple(pred.shape)} points for {tuple(pair.trg_kps.shape)}")
+        raise ValueError(f"pair {pair.pair_id}: predicted {tuple(pred.shape)} points "
+                         f"for {tuple(pair.trg_kps.shape)}")
     return pred
 
 
@@ -235,8 +281,9 @@ def read_pairs(settings: CorrespondenceSettings, root: str | os.PathLike) -> lis
     return read_pfpascal(root, settings.split, settings.categories, settings.limit)
 
 
-def run_correspondence(settings: CorrespondenceSettings, root: str | os.PathLike, out: str | os.PathLike | None = None,
-                       cache_dir: str | os.PathLike | None = None, descriptor: DenseDescriptor | None = None,
+def run_correspondence(settings: CorrespondenceSettings, root: str | os.PathLike,
+                       out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                       descriptor: DenseDescriptor | None = None,
                        progress: bool = True, load_kwargs: dict | None = None) -> CorrespondenceResult:
     """Read the dataset, build the descriptor (unless given), evaluate, and write ``out`` (JSON).
 
@@ -268,10 +315,11 @@ def format_table(results: dict, per_category: dict, alpha: float = 0.1) -> str:
         lines.append(f"@{a}".ljust(8) + "".join(_fmt(v).rjust(width + 2) for v in row))
     lines.append(f"pairs: {results.get('n_pairs', 0)}, keypoints: {results.get('n_keypoints', 0)}")
     if per_category:
-        kinds = [c for c in columns]
-        name_w = max(len(c) for c in per_category) + 2
+        kinds = list(columns)
+        title = f"alpha={alpha:g}"
+        name_w = max([len(c) for c in per_category] + [len(title)]) + 2
         lines.append("")
-        lines.append(f"per category, alpha={alpha:g}".ljust(name_w) +
+        lines.append(title.ljust(name_w) +
                      "".join(c.rjust(width + 2) for c in kinds) + "pairs".rjust(8))
         for cat, vals in per_category.items():
             row = [vals.get(pck_key(alpha, *c.split("/")), float("nan")) for c in kinds]

@@ -29,7 +29,6 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -159,7 +158,7 @@ def _read_nyu_split(path: Path, split: str) -> list[int]:
 
 
 class DepthFolder:
-    """``<root>[/<split>]/rgb/<name>.<ext>`` images with ``.../depth/<name>.png`` 16-bit depth in ``1/depth_scale`` m."""
+    """``<root>[/<split>]/rgb/<name>.<ext>`` images, ``.../depth/<name>.png`` 16-bit depth in ``1/depth_scale`` m."""
 
     def __init__(self, root: str | Path, split: str | None = None, depth_scale: float = 1000.0) -> None:
         root = Path(root).expanduser()
@@ -249,7 +248,7 @@ class DepthProbe(nn.Module):
 
 def sig_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None, lam: float = 0.15,
              eps: float = 1e-3) -> torch.Tensor:
-    """Scale-invariant log loss ``sqrt(var(g) + lam * mean(g)^2)``, ``g = log(pred+eps) - log(gt+eps)`` on valid pixels.
+    """Scale-invariant log loss ``sqrt(var(g) + lam * mean(g)^2)`` with ``g = log(pred+eps) - log(gt+eps)``.
 
     ``valid`` defaults to ``gt > 0``. ``var`` is the unbiased variance (``torch.var``), as in the
     reference. With fewer than two valid pixels the loss is 0 (keeps the graph, no NaN).

@@ -88,8 +88,10 @@ class PairContext:
             the features of the input-frame image mirrored left-right (``torch.flip(x, [-1])``), so a
             point ``x`` in the input frame sits at ``W_in - 1 - x`` there (:func:`flip_points`).
             Results are cached like the plain features.
-        extra: dataset-specific fields (SPair: ``src_kps_all`` -- ``(K, 2)`` every annotated source
-            keypoint in the original frame, NaN where invisible -- ``trg_bbox``, ``src_bbox``, ...).
+        extra: ``"pair"`` -- the :class:`~cleandift.eval.pairs.CorrespondencePair` (boxes, keypoints,
+            files); ``"src_kps_all"`` (SPair, when its ``ImageAnnotation`` file exists) -- ``(K, 2)``
+            every annotated source keypoint in the original frame indexed by keypoint id, NaN where
+            invisible; plus the dataset's own pair fields (SPair: ``mirror``, ``src_annotation``, ...).
     """
 
     category: str

@@ -65,6 +65,7 @@ SD_DINO_TAPS: tuple[str, ...] = ("us8", "us5", "us2")
 SD_DINO_SD_SIZE = 960
 SD_DINO_PCA_DIMS: tuple[int, ...] = (256, 256, 256)
 TLFR_FLIP_DISTANCE_SIZE = 64
+_PCA_CHUNK = 1 << 16  # rows per step when accumulating a covariance
 
 
 # ---------------------------------------------------------------------------------------------- matching settings
@@ -119,11 +120,13 @@ def principal_axes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     randomised ``pca_lowrank``; each axis is signed so that its largest-magnitude loading is positive,
     and axes beyond the data's rank (or the channel count) are zero.
     """
-    x = x.double()
-    mean = x.mean(dim=0)
-    xc = x - mean
-    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
-    evals, evecs = torch.linalg.eigh(cov)
+    n = x.shape[0]
+    mean = sum(chunk.double().sum(dim=0) for chunk in x.split(_PCA_CHUNK)) / max(n, 1)
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(_PCA_CHUNK):  # never holds a float64 copy of all of x
+        centred = chunk.double() - mean
+        cov += centred.T @ centred
+    evals, evecs = torch.linalg.eigh(cov / max(n - 1, 1))
     order = torch.argsort(evals, descending=True)
     axes = evecs[:, order].T[:k].clone()
     rank = int((evals > evals.max().clamp_min(0) * 1e-10).sum())
@@ -276,14 +279,18 @@ class _SDDinoBase:
     def sd_maps(self, images: torch.Tensor, prompts: PromptArg = None) -> list[torch.Tensor]:
         """Raw SD maps ``[(B, C_t, h_t, w_t)]`` in ``self.taps`` order, one image at a time.
 
-        Each image gets its own generator seeded from ``seed`` and its content, so features do not
-        depend on the batch (required by the feature cache; matters for noisy extractors only).
+        Each image gets its own generator, so features do not depend on the batch (required by the
+        feature cache; matters for noisy extractors only). It is seeded from ``seed`` and the image
+        content -- or from ``seed`` alone when the extractor's noise is ``shared``, which gives every
+        image the same draw: SD-DINO / TLFR's fixed shared noise.
         """
         frame = _resize_images(images, self.sd_size)
         device = getattr(getattr(self.extractor, "backbone", None), "device", frame.device)
+        shared = getattr(self.extractor, "noise_mode", None) == "shared"
         out: list[list[torch.Tensor]] = [[] for _ in self.taps]
         for image, prompt in zip(frame, _split_prompts(prompts, frame.shape[0])):
-            generator = torch.Generator(device="cpu").manual_seed(image_seed(image, self.seed))
+            seed = self.seed if shared else image_seed(image, self.seed)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
             feats = self.extractor(image[None].to(device), prompts=prompt, taps=list(self.taps), generator=generator)
             for i, name in enumerate(self.taps):
                 out[i].append(feats[name].float())
@@ -548,9 +555,10 @@ class AdaptiveFlipDescriptor:
         match: override of the base's matching settings.
 
     ``match_pair`` needs ``ctx.get_features`` (for the mirrored source). Keypoint ids come from
-    ``ctx.kps_ids`` and all source keypoints from ``ctx.extra["src_kps_all"]`` (``(K, 2)``, NaN =
-    invisible); without them the query points are mirrored without any id swap. Predictions are
-    replaced only for keypoints whose permuted partner is visible (TLFR's rule).
+    ``ctx.kps_ids`` and all source keypoints from ``ctx.extra["src_kps_all"]`` (``(K, 2)`` indexed
+    by id, NaN = invisible); without the latter, partners are looked up among the queried keypoints
+    only; without ids the points are mirrored with no swap. Predictions are replaced only for
+    keypoints whose permuted partner is visible (TLFR's rule).
     """
 
     def __init__(self, base, permutations: Mapping[str, Sequence[int]], *,
@@ -611,10 +619,14 @@ class AdaptiveFlipDescriptor:
         return pred
 
     def _flipped_queries(self, src_xy: torch.Tensor, ctx: PairContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mirrored source points in the mirrored original, ids swapped; and which of them exist."""
+        """Query points for the mirrored source (in the mirrored original) and which of them exist.
+
+        Query ``i`` (id ``k``) becomes the mirror of source keypoint ``perm[k]``: taken from
+        ``ctx.extra["src_kps_all"]`` when given, else from the queries themselves (so only partners
+        that are also queried can be used).
+        """
         width = ctx.src_size[1]
-        kps_all = ctx.extra.get("src_kps_all") if ctx.extra else None
-        if ctx.kps_ids is None or kps_all is None:
+        if ctx.kps_ids is None:  # no keypoint identities: mirror the points, nothing to swap
             queries = flip_keypoints(src_xy, width)
             return queries, torch.isfinite(queries).all(dim=1)
         perm = self.permutations.get(ctx.category)
@@ -624,11 +636,17 @@ class AdaptiveFlipDescriptor:
                             "original orientation", ctx.category)
                 self._warned.add(ctx.category)
             return src_xy, torch.zeros(src_xy.shape[0], dtype=torch.bool)
-        kps_all = torch.as_tensor(kps_all, dtype=torch.float32).reshape(-1, 2)
-        if len(perm) < kps_all.shape[0]:
-            perm = list(perm) + list(range(len(perm), kps_all.shape[0]))
-        flipped_all = flip_keypoints(kps_all, width, perm[: kps_all.shape[0]])
-        queries = flipped_all[torch.as_tensor(list(ctx.kps_ids), dtype=torch.long)]
+        ids = [int(k) for k in ctx.kps_ids]
+        partner = [perm[k] if k < len(perm) else k for k in ids]
+        kps_all = (ctx.extra or {}).get("src_kps_all")
+        if kps_all is not None:
+            kps_all = torch.as_tensor(kps_all, dtype=torch.float32).reshape(-1, 2)
+            nan = torch.full((2,), float("nan"))
+            points = torch.stack([kps_all[p] if p < kps_all.shape[0] else nan for p in partner])
+        else:
+            row = {k: j for j, k in enumerate(ids)}
+            points = torch.stack([src_xy[row[p]] if p in row else torch.full((2,), float("nan")) for p in partner])
+        queries = flip_points(points, width)
         return queries, torch.isfinite(queries).all(dim=1)
 
 

@@ -26,7 +26,9 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..images import IMAGE_SUFFIXES, load_image
-from .probe_common import Extractor, FeatureSpec, ProbeResult, collect_features, dataset_id, feature_settings, open_cache
+from .probe_common import (
+    Extractor, FeatureSpec, ProbeResult, collect_features, dataset_id, feature_settings, open_cache,
+)
 
 Weighting = Literal["majority", "temperature"]
 
@@ -60,7 +62,8 @@ class ImageFolderDataset:
         index = {c: i for i, c in enumerate(self.classes)}
         self.items: list[tuple[Path, int]] = []
         for cls in found:
-            files = sorted(p for p in (self.base / cls).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in (self.base / cls).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             self.items.extend((p, index[cls]) for p in files)
         if not self.items:
             raise DatasetError(f"{self.base}: no images found (expected <class>/<image> with one of "
@@ -181,7 +184,8 @@ def pooled_features(extractor: Extractor, dataset: Sequence, spec: FeatureSpec, 
 
 
 def run_knn(extractor: Extractor, train_set: Sequence, eval_set: Sequence, spec: FeatureSpec | None = None,
-            config: KNNConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> ProbeResult:
+            config: KNNConfig | None = None, cache_dir: str | Path | None = None,
+            progress: bool = True) -> ProbeResult:
     """Pool features of both splits, classify ``eval_set`` by kNN over ``train_set``, report top-1."""
     spec, config = spec or FeatureSpec(), config or KNNConfig()
     caches = [open_cache(cache_dir, lambda d=d: feature_settings(extractor, spec, dataset_id(d), "avg"))

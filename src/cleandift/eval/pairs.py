@@ -79,7 +79,8 @@ def check_bbox(bbox, source: Path, what: str) -> tuple[float, float, float, floa
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"{source}: {what} must be [x1, y1, x2, y2] ({exc})") from exc
     if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
-        raise DatasetError(f"{source}: {what} must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {list(bbox)}")
+        raise DatasetError(f"{source}: {what} must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, "
+                           f"got {list(bbox)}")
     return box  # type: ignore[return-value]
 
 

@@ -62,15 +62,17 @@ def pck_threshold(kind: ThresholdKind, bbox: torch.Tensor | Sequence[float] | No
     """Per-pair PCK normaliser in pixels, float64 of shape ``(...)``.
 
     Args:
-        kind: ``bbox`` -> ``max(x2 - x1, y2 - y1)`` of ``bbox`` ``(..., 4)`` (target box, ``[x1, y1, x2, y2]``);
-            ``img`` -> ``max(H, W)`` of ``image_size`` ``(..., 2)`` given as ``(H, W)``.
+        kind: ``bbox`` -> ``max(x2 - x1, y2 - y1)`` of ``bbox`` ``(..., 4)`` (target box,
+            ``[x1, y1, x2, y2]``); ``img`` -> ``max(H, W)`` of ``image_size`` ``(..., 2)``, given as
+            ``(H, W)``.
     """
     if kind == "bbox":
         if bbox is None:
             raise ValueError("threshold 'bbox' needs the target bounding box [x1, y1, x2, y2]")
         box = torch.as_tensor(bbox, dtype=torch.float64)
         if box.shape[-1] != 4:
-            raise ValueError(f"bbox must have 4 values [x1, y1, x2, y2] in its last dimension, got {tuple(box.shape)}")
+            raise ValueError(f"bbox must have 4 values [x1, y1, x2, y2] in its last dimension, "
+                             f"got {tuple(box.shape)}")
         thr = torch.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1])
     elif kind == "img":
         if image_size is None:
@@ -86,9 +88,10 @@ def pck_threshold(kind: ThresholdKind, bbox: torch.Tensor | Sequence[float] | No
     return thr
 
 
-def pck_correct(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | torch.Tensor, alpha: float = 0.1,
-                comparison: Comparison = "<=", valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-keypoint correctness ``(..., N)``; masked keypoints are ``False`` (count them with :func:`keypoint_mask`).
+def pck_correct(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | torch.Tensor,
+                alpha: float = 0.1, comparison: Comparison = "<=", valid: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Per-keypoint correctness ``(..., N)``; masked keypoints are ``False`` (count: :func:`keypoint_mask`).
 
     Args:
         pred_xy, gt_xy: ``(..., N, 2)`` points in the same (original target) frame.
@@ -112,8 +115,9 @@ def pck_correct(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | t
 
 
 def pck(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | torch.Tensor, alpha: float = 0.1,
-        comparison: Comparison = "<=", valid: torch.Tensor | None = None, average: str = "per-point") -> float:
-    """PCK in percent of a batch of pairs ``(B, N, 2)`` (or one pair ``(N, 2)``), ``nan`` if nothing counts."""
+        comparison: Comparison = "<=", valid: torch.Tensor | None = None,
+        average: str = "per-point") -> float:
+    """PCK in percent of pairs ``(B, N, 2)`` (or one pair ``(N, 2)``); ``nan`` if nothing counts."""
     if pred_xy.ndim == 2:
         pred_xy, gt_xy = pred_xy[None], gt_xy[None]
         valid = None if valid is None else valid[None]
@@ -123,7 +127,7 @@ def pck(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | torch.Ten
 
 
 def _aggregate(correct: torch.Tensor, counts: torch.Tensor, average: str) -> float:
-    """``per-point``: sum(correct) / sum(counts); ``per-image``: mean of correct / counts over counted pairs."""
+    """``per-point``: sum(correct) / sum(counts); ``per-image``: mean of correct / counts over pairs."""
     if average == "per-point":
         total = counts.sum()
         return float(100.0 * correct.sum() / total) if total > 0 else float("nan")
@@ -153,7 +157,8 @@ class PCK:
     >>> metric = PCK(alphas=(0.1,), thresholds=("bbox",))
     >>> metric.update(torch.tensor([[0., 0.], [9., 0.]]), torch.tensor([[0., 0.], [0., 0.]]),
     ...               bbox=[0, 0, 100, 50], category="cat")
-    >>> metric.update(torch.tensor([[0., 0.]]), torch.tensor([[0., 0.]]), bbox=[0, 0, 100, 50], category="dog")
+    >>> metric.update(torch.tensor([[0., 0.]]), torch.tensor([[0., 0.]]), bbox=[0, 0, 100, 50],
+    ...               category="dog")
     >>> r = metric.compute()
     >>> round(r["pck@0.10/bbox/per-point"], 2), round(r["pck@0.10/bbox/per-image"], 2)
     (100.0, 100.0)
@@ -164,7 +169,8 @@ class PCK:
     def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, thresholds: Sequence[str] = THRESHOLD_KINDS,
                  comparison: Comparison = "<=") -> None:
         if comparison not in COMPARISONS:
-            raise ValueError(f"Expected argument `comparison` to be one of {COMPARISONS} but got {comparison!r}")
+            raise ValueError(f"Expected argument `comparison` to be one of {COMPARISONS} "
+                             f"but got {comparison!r}")
         bad = [k for k in thresholds if k not in THRESHOLD_KINDS]
         if bad or not thresholds:
             raise ValueError(f"Expected argument `thresholds` to be a non-empty subset of {THRESHOLD_KINDS}, "

@@ -38,14 +38,14 @@ from .pairs import CorrespondencePair, check_inside, image_size_of
 from .spair import check_categories
 
 PF_PASCAL_CATEGORIES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 PF_PASCAL_SPLITS: tuple[str, ...] = ("test", "val")
 
 
 def split_file(root: Path, split: str) -> Path:
-    """The CSV of a split: ``<root>/<split>_pairs_pf_pascal.csv`` (or ``split`` itself if it is a ``.csv``)."""
+    """The CSV of a split: ``<root>/<split>_pairs_pf_pascal.csv`` (or ``split`` itself if a ``.csv``)."""
     if split.endswith(".csv"):
         return Path(split).expanduser()
     if split in ("trn", "train"):
@@ -84,7 +84,8 @@ def read_pfpascal(root: str | Path, split: str = "test", categories: Sequence[st
 def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [(i + 1, [c.strip() for c in row]) for i, row in enumerate(csv.reader(f)) if any(c.strip() for c in row)]
+            rows = [(i + 1, [c.strip() for c in row]) for i, row in enumerate(csv.reader(f))
+                    if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: unreadable CSV ({exc})") from exc
     if rows and not _is_int(rows[0][1][2] if len(rows[0][1]) > 2 else ""):
@@ -101,7 +102,8 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
 
 def _category(value: str, path: Path, line: int) -> str:
     if not _is_int(value) or not 1 <= int(value) <= len(PF_PASCAL_CATEGORIES):
-        raise DatasetError(f"{path}:{line}: class must be an integer id 1-{len(PF_PASCAL_CATEGORIES)}, got {value!r}")
+        raise DatasetError(f"{path}:{line}: class must be an integer id 1-{len(PF_PASCAL_CATEGORIES)}, "
+                           f"got {value!r}")
     return PF_PASCAL_CATEGORIES[int(value) - 1]
 
 
@@ -130,7 +132,8 @@ def _resolve(name: str, root: Path, where: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DatasetError(f"{where}: image file not found: {name} (looked for {', '.join(map(str, candidates))})")
+    raise DatasetError(f"{where}: image file not found: {name} "
+                       f"(looked for {', '.join(map(str, candidates))})")
 
 
 def _coords(xs: str, ys: str, where: Path, what: str) -> torch.Tensor:

@@ -106,11 +106,12 @@ class CorrespondenceSettings:
 
     def descriptor_settings(self) -> dict[str, Any]:
         """Only what changes the features (for the cache key); matching / PCK / run keys excluded."""
-        keys = ("descriptor", "model", "checkpoint", "mode", "taps", "size", "resize", "prompt", "seed", "fusion",
-                "dtype")
+        keys = ("descriptor", "model", "checkpoint", "mode", "taps", "size", "resize", "prompt", "seed",
+                "fusion", "dtype")
         out = {k: getattr(self, k) for k in keys}
         if self.mode == "noisy":
-            out.update(t=self.t, ensemble=self.ensemble, noise=self.noise, sample_posterior=self.sample_posterior)
+            out.update(t=self.t, ensemble=self.ensemble, noise=self.noise,
+                       sample_posterior=self.sample_posterior)
         else:
             out.update(clean_timestep=self.clean_timestep)
         return _jsonable(out)
@@ -120,18 +121,19 @@ class CorrespondenceSettings:
 
 
 _DIFT = dict(descriptor="diffusion", model="sd21", mode="noisy", t=261, ensemble=8, noise="independent",
-             sample_posterior=True, taps=("us6",), size=768, resize="stretch", prompt="a photo of a {category}",
-             seed=0, method="argmax", grid="pixels", source="bilinear", comparison="<=")
+             sample_posterior=True, taps=("us6",), size=768, resize="stretch",
+             prompt="a photo of a {category}", seed=0, method="argmax", grid="pixels", source="bilinear",
+             comparison="<=")
 _SD_DINO = dict(descriptor="sd-dino", model="sd15", mode="noisy", t=100, ensemble=1, noise="shared",
                 sample_posterior=False, taps=("us2", "us5", "us8"), size=960, resize="pad",
                 prompt="A photo of a {category}", seed=42, method="argmax", grid="cells", source="cell",
                 comparison="<",
-                fusion=dict(dinov2="facebook/dinov2-base", dino_size=840, dino_layer=11, facet="token", co_pca=True,
-                            pca_dims=(256, 256, 256), weights=(1.0, 1.0)))
+                fusion=dict(dinov2="facebook/dinov2-base", dino_size=840, dino_layer=11, facet="token",
+                            co_pca=True, pca_dims=(256, 256, 256), weights=(1.0, 1.0)))
 _TLFR = dict(descriptor="tlfr", model="sd15", mode="noisy", t=50, ensemble=1, noise="shared",
              sample_posterior=False, taps=("us2", "us5", "us8"), size=960, resize="pad",
-             prompt="A photo of a {category}", seed=42, method="soft-argmax", grid="cells", source="cell", window=5,
-             temperature=0.02, comparison="<",
+             prompt="A photo of a {category}", seed=42, method="soft-argmax", grid="cells", source="cell",
+             window=5, temperature=0.02, comparison="<",
              fusion=dict(dinov2="facebook/dinov2-base", dino_size=840, dino_layer=11, facet="token",
                          adaptive_flip=True, freeu=False))
 _CLEAN = dict(mode="clean", clean_timestep=261.0, ensemble=1, sample_posterior=False)
@@ -262,7 +264,8 @@ def build_extractor(settings: CorrespondenceSettings, backbone):
 
     if settings.mode == "noisy":
         if settings.checkpoint:
-            log.warning("checkpoint %s is ignored in noisy mode (DIFT uses the frozen backbone)", settings.checkpoint)
+            log.warning("checkpoint %s is ignored in noisy mode (DIFT uses the frozen backbone)",
+                        settings.checkpoint)
         return NoisyExtractor(backbone, t=settings.t, ensemble=settings.ensemble, noise=settings.noise,
                               taps=list(settings.taps), chunk_size=settings.chunk_size,
                               sample_posterior=settings.sample_posterior)
@@ -272,8 +275,8 @@ def build_extractor(settings: CorrespondenceSettings, backbone):
 
         unet, ckpt = load_student(backbone.unet, settings.checkpoint)
         if ckpt.timestep is not None and abs(ckpt.timestep - settings.clean_timestep) > 1e-3:
-            log.info("checkpoint stores a learned timestep %.3f; using clean_timestep=%g as set", ckpt.timestep,
-                     settings.clean_timestep)
+            log.info("checkpoint stores a learned timestep %.3f; using clean_timestep=%g as set",
+                     ckpt.timestep, settings.clean_timestep)
     else:
         log.warning("clean mode without a checkpoint runs the *frozen* backbone on clean latents "
                     "(the 'naive clean' baseline), not a CleanDIFT student")
@@ -313,5 +316,6 @@ def build_descriptor(settings: CorrespondenceSettings, backbone=None, load_kwarg
         raise ConfigError(f"descriptor {settings.descriptor!r} needs cleandift.eval.fusion, which is not "
                           f"available ({exc})") from exc
     if not hasattr(fusion, "build_descriptor"):
-        raise ConfigError(f"cleandift.eval.fusion has no build_descriptor(); cannot build {settings.descriptor!r}")
+        raise ConfigError(f"cleandift.eval.fusion has no build_descriptor(); "
+                          f"cannot build {settings.descriptor!r}")
     return fusion.build_descriptor(settings, extractor=extractor, device=device, dtype=dtype)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +32,6 @@ from tqdm import tqdm
 from ..errors import DatasetError
 from ..features import points_to_grid
 from ..images import ResizePolicy, ResizeTransform, image_to_tensor, resize_image
-
-logger = logging.getLogger(__name__)
 
 Extractor = Callable[..., dict[str, torch.Tensor]]
 Pooling = Literal["none", "avg"]
@@ -122,7 +119,8 @@ class ProbeTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-def prepare_image(img: Image.Image, size: int, resize: ResizePolicy = "stretch") -> tuple[torch.Tensor, ResizeTransform]:
+def prepare_image(img: Image.Image, size: int,
+                  resize: ResizePolicy = "stretch") -> tuple[torch.Tensor, ResizeTransform]:
     """An RGB image in the square model frame: ``(3, size, size)`` in ``[-1, 1]`` and its transform."""
     out, tf = resize_image(img, size, resize)
     return image_to_tensor(out), tf
@@ -160,7 +158,8 @@ def sample_frame_grid(src: torch.Tensor, tf: ResizeTransform, grid_hw: tuple[int
     return out, _inside(orig_xy, w, h)
 
 
-def sample_original(pred: torch.Tensor, tf: ResizeTransform, mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_original(pred: torch.Tensor, tf: ResizeTransform,
+                    mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
     """Map a prediction ``(C, gh, gw)`` covering the model frame back onto the original ``(H, W)`` image.
 
     ``nearest`` gives the nearest-neighbour upsampling of the segmentation protocol; ``bilinear`` the
@@ -233,7 +232,7 @@ def extractor_identity(extractor: Extractor) -> dict:
 
 
 class MemoryCache:
-    """In-process per-image feature store (the default when no cache folder is given)."""
+    """In-process per-image feature store: pass it as ``cache`` to share features between probe runs in one process."""
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self.dtype = dtype
@@ -250,7 +249,8 @@ class MemoryCache:
         return len(self._store)
 
 
-def open_cache(cache_dir: str | Path | None, settings: dict | Callable[[], dict], dtype: torch.dtype = torch.float32):
+def open_cache(cache_dir: str | Path | None, settings: dict | Callable[[], dict],
+               dtype: torch.dtype = torch.float32):
     """A disk cache (:class:`cleandift.eval.cache.FeatureCache`, keyed by ``settings``) or ``None``.
 
     ``settings`` may be a zero-argument callable so the weights fingerprint is only computed when
@@ -285,7 +285,7 @@ class CachedFeatures(Sequence):
 def collect_features(extractor: Extractor, dataset: Sequence, spec: FeatureSpec, target_fn: Callable | None,
                      cache=None, pool: Pooling = "none", desc: str = "features", progress: bool = True
                      ) -> tuple[Sequence[torch.Tensor], list]:
-    """Features of every image (in memory, or lazily from a disk cache) and ``target_fn(sample, tf, feats)`` of each."""
+    """Features of every image (in memory, or read lazily from a disk cache) and ``target_fn(sample, tf, f)``."""
     feats: list[torch.Tensor] = []
     names: list[str] = []
     targets: list = []
@@ -308,7 +308,7 @@ def _batch_seed(seed: int, names: Sequence[str]) -> int:
 def iter_features(extractor: Extractor, dataset: Sequence, spec: FeatureSpec, cache=None,
                   pool: Pooling = "none", desc: str = "features", progress: bool = True
                   ) -> Iterator[tuple[list[int], list, list[ResizeTransform], torch.Tensor]]:
-    """Yield ``(indices, samples, transforms, features)`` batches over a dataset, extracting only what the cache lacks.
+    """Yield ``(indices, samples, transforms, features)`` batches, extracting only what the cache lacks.
 
     ``features`` is ``(B, C, h, w)`` (or ``(B, C)`` with ``pool="avg"``, global average pooling per
     tap before concatenation) in float32 on CPU. Samples are always loaded (the caller needs their

@@ -4,7 +4,8 @@ Protocol (paper: linear probe on the 48x48 maps, masks upscaled with nearest nei
 everything else is unpublished and a named option here): a 1x1 convolution ``C -> 21`` on the
 (standardised) tap features, trained with cross-entropy against the label sampled (nearest) at the
 feature cells, ignoring 255. At evaluation the per-cell argmax is upsampled **nearest-neighbour** to
-the original label and scored with a confusion-matrix mIoU that ignores 255.
+the original label and scored with a confusion-matrix mIoU that ignores 255 (with ``--resize crop``,
+label pixels outside the crop were never seen by the model and are ignored too).
 
 Layout (the official ``VOCdevkit/VOC2012`` tree; ``root`` may be ``VOCdevkit/VOC2012``,
 ``VOCdevkit`` or the folder holding ``VOCdevkit``)::

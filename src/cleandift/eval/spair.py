@@ -49,14 +49,15 @@ def normalize_split(split: str) -> str:
     return split
 
 
-def check_categories(categories: Sequence[str] | None, known: Sequence[str] = SPAIR_CATEGORIES) -> tuple[str, ...]:
+def check_categories(categories: Sequence[str] | None, known: Sequence[str] = SPAIR_CATEGORIES
+                     ) -> tuple[str, ...]:
     """The requested categories (all by default), or :class:`DatasetError` listing the valid names."""
     if not categories:
         return tuple(known)
     unknown = [c for c in categories if c not in known]
     if unknown:
-        raise DatasetError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
-                           f"choose from {', '.join(known)}")
+        noun = "category" if len(unknown) == 1 else "categories"
+        raise DatasetError(f"unknown {noun} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     return tuple(dict.fromkeys(categories))
 
 
@@ -83,7 +84,8 @@ def read_spair(root: str | Path, split: str = "test", categories: Sequence[str] 
         if category is None:
             raise DatasetError(f"{path}: pair annotation name must end in ':<category>.json'")
         if category not in SPAIR_CATEGORIES:
-            raise DatasetError(f"{path}: unknown category {category!r}; SPair-71k has {', '.join(SPAIR_CATEGORIES)}")
+            raise DatasetError(f"{path}: unknown category {category!r}; "
+                               f"SPair-71k has {', '.join(SPAIR_CATEGORIES)}")
         by_category.setdefault(category, []).append(path)
     pairs: list[CorrespondencePair] = []
     for category in wanted:
@@ -92,7 +94,7 @@ def read_spair(root: str | Path, split: str = "test", categories: Sequence[str] 
             files = files[:max(0, int(limit))]
         pairs.extend(read_spair_pair(p, root) for p in files)
     if not pairs:
-        which = "" if not categories else f" for categor{'y' if len(wanted) == 1 else 'ies'} {', '.join(wanted)}"
+        which = f" for categories {', '.join(wanted)}" if categories else ""
         raise DatasetError(f"{folder}: no pair annotations{which} (empty split); check --root and --split")
     return pairs
 
@@ -103,14 +105,17 @@ def read_spair_pair(path: str | Path, root: str | Path) -> CorrespondencePair:
     data = _read_json(path)
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
-        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} (not a SPair-71k pair annotation?)")
+        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} "
+                           "(not a SPair-71k pair annotation?)")
     category = str(data["category"])
     if category not in SPAIR_CATEGORIES:
-        raise DatasetError(f"{path}: unknown category {category!r}; SPair-71k has {', '.join(SPAIR_CATEGORIES)}")
+        raise DatasetError(f"{path}: unknown category {category!r}; "
+                           f"SPair-71k has {', '.join(SPAIR_CATEGORIES)}")
     if ":" in path.stem and path.stem.rsplit(":", 1)[-1] != category:
         raise DatasetError(f"{path}: file name says category {path.stem.rsplit(':', 1)[-1]!r} "
                            f"but the annotation says {category!r}")
-    src_size, trg_size = _imsize(data["src_imsize"], path, "src_imsize"), _imsize(data["trg_imsize"], path, "trg_imsize")
+    src_size = _imsize(data["src_imsize"], path, "src_imsize")
+    trg_size = _imsize(data["trg_imsize"], path, "trg_imsize")
     src_kps = as_keypoints(data["src_kps"], path, "src_kps")
     trg_kps = as_keypoints(data["trg_kps"], path, "trg_kps")
     if src_kps.shape != trg_kps.shape:

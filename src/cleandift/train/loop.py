@@ -521,3 +521,50 @@ def _log_start(config: TrainConfig, backbone, aligner: FeatureAligner, size: int
     if math.isfinite(config.lr) and config.lr_schedule == "constant_with_warmup" and config.warmup_steps > config.max_steps:
         log.info("note: warmup (%d steps) is longer than the run (%d steps); the LR ends at %.2e",
                  config.warmup_steps, config.max_steps, config.lr * config.max_steps / config.warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------- dry run
+def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, resume: bool | str = False) -> str:
+    """Everything :func:`train` checks before its first step, without training or writing: returns a report.
+
+    Data (folder, readable images, split), resume state, model (loads ``config.model``), image
+    size, taps and head options, the ``--checkpoint`` (student and heads fit), and the memory estimate.
+    """
+    from ..checkpoints import check_fits, read_checkpoint  # noqa: PLC0415
+    from ..heads import ProjectionHeads, check_head_state  # noqa: PLC0415
+    from .memory import estimate_memory  # noqa: PLC0415
+
+    run_dir = Path(config.out).expanduser()
+    resume_from = _resume_dir(run_dir, resume)
+    train_set, val_set, bad = _datasets(config, backbone)
+    lines = [f"data: {len(train_set)} training image(s) in {config.data}"
+             + (f", {len(val_set)} for validation" if val_set is not None else ", no validation set")
+             + f", {len(bad)} unreadable (skipped)"]
+    lines += [f"  unreadable: {path}: {reason}" for path, reason in bad[:10]]
+    if resume_from is not None:
+        lines.append(f"resume: from {resume_from}")
+    if backbone is None:
+        backbone = load_training_backbone(config, torch.device(config.device or "cpu"))
+    size = check_size(config.size or backbone.resolution, backbone)
+    taps = backbone.taps.select(config.taps if config.taps is not None else backbone.taps.default)
+    head_config = config.head_config() if config.use_heads else None
+    lines.append(f"model: {config.model} ({backbone.describe().get('backbone')}), {size} px, taps "
+                 f"{','.join(t.name for t in taps)}, heads {config.head_norm if head_config else 'none'}")
+    if config.checkpoint:
+        ckpt = read_checkpoint(config.checkpoint)
+        check_fits(backbone.unet, ckpt.student, ckpt.source)
+        if head_config is not None and ckpt.heads:
+            with torch.device("meta"):
+                heads = ProjectionHeads({t.name: t.channels for t in taps}, head_config)
+            keep = ("mapping.", "time_in_proj.", "time_emb.") + tuple(f"adapters.{t.name}." for t in taps)
+            check_head_state(heads, {k: v for k, v in ckpt.heads.items() if k.startswith(keep)}, ckpt.source)
+        lines.append(f"checkpoint: {ckpt.source} ({ckpt.format}) fits"
+                     + (", heads fit" if head_config is not None and ckpt.heads else ""))
+    estimate = estimate_memory(backbone, taps, size, config.batch_size, config.num_timesteps, head_config,
+                               config.student_timestep == "learned")
+    lines.append(estimate.report(config.dtype, config.gradient_checkpointing, config.optimizer, config.teacher_dtype))
+    lines.append(f"config ({config.preset} preset): lr {config.lr:g}, {config.lr_schedule} ({config.warmup_steps} "
+                 f"warmup), {config.max_steps} steps x {config.batch_size} images x {config.grad_accum} accumulation, "
+                 f"dtype {config.dtype}, teacher {config.teacher_dtype or 'fp32'}")
+    lines.append("dry run: nothing trained, nothing written")
+    return "\n".join(lines)
