@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from cleandift.cli.main import main
-from cleandift.viz.correspondence import correct_mask, draw_heatmap, draw_matches, similarity_map, to_rgb_array
+from cleandift.viz.correspondence import (
+    correct_mask,
+    draw_heatmap,
+    draw_matches,
+    similarity_map,
+    to_rgb_array,
+)
 from cleandift.viz.pca import pca_rgb, save_pca_png, save_rgb_png
 from cleandift.viz.plots import plot_pck_curves, plot_series
 
@@ -219,9 +225,17 @@ def test_cli_curves(tmp_path, capsys):
     _png(tmp_path / "curves.png", (800, 500))
     from cleandift.cli.viz import read_curves
 
-    curves, constants = read_curves([tmp_path / p for p in ("n0.json", "n1.json", "n2.json", "c.json")], key)
+    curves, constants, ylabel = read_curves([tmp_path / p for p in ("n0.json", "n1.json", "n2.json", "c.json")],
+                                            key)
     assert curves == {"dift-spair": ([100.0, 261.0, 500.0], [40.0, 50.0, 30.0])}
-    assert constants == {"cleandift-spair": 61.0}
+    assert constants == {"cleandift-spair": 61.0} and ylabel == key
+    sweep = tmp_path / "sweep.json"  # `cleandift analyze sweep` output
+    sweep.write_text(json.dumps({"metric": "rmse", "rows": [
+        {"method": "noisy", "t": 300, "ensemble": 8, "score": 0.5}, {"method": "noisy", "t": 0, "ensemble": 8,
+                                                                    "score": 0.7},
+        {"method": "clean", "t": None, "ensemble": None, "score": 0.4}]}))
+    curves, constants, ylabel = read_curves([sweep])
+    assert curves == {"noisy": ([0.0, 300.0], [0.7, 0.5])} and constants == {"clean": 0.4} and ylabel == "rmse"
     assert main(["viz", "curves", files[0], "--metric", "nope", "--out", str(tmp_path / "x.png")]) == 2
     assert "available" in capsys.readouterr().err
     assert main(["viz"]) == 1

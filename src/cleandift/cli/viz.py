@@ -131,11 +131,12 @@ def _heatmap_parser(sub) -> None:
 
 
 def _curves_parser(sub) -> None:
-    p = sub.add_parser("curves", help="PCK vs timestep from `cleandift eval` result JSONs",
-                       description="Noisy results with the same label form a curve over t; clean results "
-                                   "(no t) become horizontal lines. Also reads {\"curves\": {name: {\"t\": [...], "
-                                   "\"pck\": [...]}}, \"constants\": {name: value}} files.")
-    p.add_argument("results", nargs="+", help="result JSON files")
+    p = sub.add_parser("curves", help="PCK (or any score) vs timestep from result / sweep JSONs",
+                       description="`cleandift eval` results: noisy runs of one preset form a curve over t, "
+                                   "t-independent ones (clean) become horizontal lines. Timestep sweeps "
+                                   "(`cleandift analyze sweep`) and {\"curves\": {name: {\"t\": [...], "
+                                   "\"pck\": [...]}}, \"constants\": {name: value}} files are read too.")
+    p.add_argument("results", nargs="+", help="result, sweep or curves JSON files")
     p.add_argument("--metric", default=DEFAULT_METRIC, help=f"result key to plot (default {DEFAULT_METRIC})")
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True, help="output PNG")
@@ -351,43 +352,61 @@ def run_heatmap(args) -> int:
 def run_curves(args) -> int:
     from ..viz.plots import plot_pck_curves  # noqa: PLC0415
 
-    curves, constants = read_curves([Path(p) for p in args.results], args.metric)
-    path = plot_pck_curves(curves, args.out, constants=constants, ylabel=args.metric, title=args.title)
+    curves, constants, ylabel = read_curves([Path(p) for p in args.results], args.metric)
+    path = plot_pck_curves(curves, args.out, constants=constants, ylabel=ylabel, title=args.title)
     print(path)
     return 0
 
 
-def read_curves(paths: list[Path], metric: str) -> tuple[dict, dict]:
-    """``({label: (ts, values)}, {label: value})`` from evaluation results and curve files."""
+def read_curves(paths: list[Path], metric: str = DEFAULT_METRIC) -> tuple[dict, dict, str]:
+    """``({label: (ts, values)}, {label: value}, y label)`` from result, sweep and curve files.
+
+    Understood: ``cleandift eval`` results (``results`` + ``settings``: noisy runs with a ``t``
+    form a curve per preset, others are constants), timestep sweeps (``rows`` of ``method``, ``t``,
+    ``score``; rows without ``t`` are constants) and ``{"curves": ..., "constants": ...}`` files.
+    """
     from ..errors import ConfigError  # noqa: PLC0415
 
     points: dict[str, dict[float, float]] = {}
     constants: dict[str, float] = {}
+    ylabels: set[str] = set()
     for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not a readable JSON file ({exc})") from exc
+        prefix = f"{path.stem}: " if len(paths) > 1 else ""
         for record in data if isinstance(data, list) else [data]:
-            _read_record(record, path, metric, points, constants)
+            ylabels.add(_read_record(record, path, metric, prefix, points, constants))
     curves = {label: (sorted(v), [v[t] for t in sorted(v)]) for label, v in points.items()}
     if not curves and not constants:
         raise ConfigError("no plottable results in " + ", ".join(map(str, paths)))
-    return curves, constants
+    return curves, constants, ylabels.pop() if len(ylabels) == 1 else "score"
 
 
-def _read_record(record: dict, path: Path, metric: str, points: dict, constants: dict) -> None:
+def _read_record(record: dict, path: Path, metric: str, prefix: str, points: dict, constants: dict) -> str:
+    """Add one record's points / constants; returns the name of what it measures."""
     from ..errors import ConfigError  # noqa: PLC0415
 
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected JSON objects, got {type(record).__name__}")
     if "curves" in record or "constants" in record:
         for name, curve in (record.get("curves") or {}).items():
             values = curve.get("pck", curve.get("values"))
             points.setdefault(name, {}).update(zip(map(float, curve["t"]), map(float, values)))
         constants.update({k: float(v) for k, v in (record.get("constants") or {}).items()})
-        return
+        return metric
+    if isinstance(record.get("rows"), list):  # a timestep sweep (cleandift.analysis.sweep)
+        for row in record["rows"]:
+            label = prefix + str(row.get("method", "score"))
+            if row.get("t") is None:
+                constants[label] = float(row["score"])
+            else:
+                points.setdefault(label, {})[float(row["t"])] = float(row["score"])
+        return str(record.get("metric", "score"))
     results = record.get("results")
     if not isinstance(results, dict):
-        raise ConfigError(f"{path}: neither an evaluation result (no 'results') nor a curves file")
+        raise ConfigError(f"{path}: not an evaluation result, a sweep or a curves file")
     if metric not in results:
         raise ConfigError(f"{path}: no result {metric!r}; available: {', '.join(sorted(results))}")
     settings = record.get("settings") or {}
@@ -399,3 +418,4 @@ def _read_record(record: dict, path: Path, metric: str, points: dict, constants:
         if label in constants:
             log.warning("%s: a second t-independent result for %r replaces the first", path, label)
         constants[label] = float(results[metric])
+    return metric

@@ -172,7 +172,14 @@ def _meta_unet(unet: nn.Module) -> nn.Module:
 
 def profile_activations(unet: nn.Module, taps: Sequence[Tap], latent_shape: tuple[int, int, int],
                         context_shape: tuple[int, int], head_config: HeadConfig | None) -> ActivationProfile:
-    """Measure per-image saved activations on the ``meta`` device (fast, allocates nothing)."""
+    """Measure per-image saved activations on the ``meta`` device (fast, allocates nothing).
+
+    One instrumented student forward gives: all saved bytes; saved bytes and inputs of every unit
+    diffusers checkpoints (each resnet and each transformer block: checkpointing keeps the inputs,
+    drops what the unit saved, and re-materialises one unit at a time in backward); the down path's
+    skip connections (alive during the teacher's no-grad pass); and the parameters reached before the
+    last tap (the others get no gradient and no optimizer state).
+    """
     meta = _meta_unet(unet)
     meta.train()
     x = torch.zeros(1, *latent_shape, device="meta")
@@ -180,17 +187,36 @@ def profile_activations(unet: nn.Module, taps: Sequence[Tap], latent_shape: tupl
     t = torch.tensor(261.0, device="meta", requires_grad=True)
 
     counter = _SavedBytes(list(meta.parameters()))
-    with counter.recording():
-        feats = run_to_taps(meta, x, t, ctx, taps)
-    student = counter.total
-    reached = _reached_params(meta, feats)
+    resnet_saved: list[int] = []
+    resnet_inputs: list[int] = []
+    down_outputs: list[int] = []
+    ran: set[int] = set()
+    handles = []
 
-    block_peak = _largest_block(meta, x, t, ctx, taps)
-    meta.enable_gradient_checkpointing()
-    counter = _SavedBytes(list(meta.parameters()))
-    with counter.recording():
-        run_to_taps(meta, x, t, ctx, taps)
-    student_ckpt = counter.total + block_peak
+    def pre(module, args):
+        resnet_inputs.append(sum(_nbytes(a) for a in args))
+        resnet_saved.append(-counter.total)
+
+    def post(module, args, out):
+        resnet_saved[-1] += counter.total
+
+    for name, module in meta.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a: ran.add(id(m))))
+        if name.split(".")[-2:-1] in (["resnets"], ["transformer_blocks"]):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        if name.startswith("down_blocks.") and name.count(".") == 1:  # output: (hidden, skip connections)
+            handles.append(module.register_forward_hook(lambda m, a, o: down_outputs.append(_skip_bytes(o))))
+    try:
+        with counter.recording():
+            feats = run_to_taps(meta, x, t, ctx, taps)
+    finally:
+        for h in handles:
+            h.remove()
+    done = [b for b in resnet_saved if b >= 0]  # the last tap may stop inside a resnet
+    student = counter.total
+    student_ckpt = student - sum(done) + sum(resnet_inputs[:len(done)]) + max(done, default=0)
+    reached = sum(p.numel() for m in meta.modules() if id(m) in ran for p in m.parameters(recurse=False))
 
     heads_bytes = 0
     if head_config is not None:
@@ -202,48 +228,14 @@ def profile_activations(unet: nn.Module, taps: Sequence[Tap], latent_shape: tupl
             heads(tokens, torch.zeros(1, device="meta"))
         heads_bytes = counter.total
     tap_bytes = sum(f.numel() * 4 for f in feats.values())
-    return ActivationProfile(student, student_ckpt, heads_bytes, tap_bytes, _teacher_peak(meta, x, t, ctx, taps),
-                             reached)
+    teacher_peak = sum(down_outputs) + 2 * max(down_outputs, default=0)
+    return ActivationProfile(student, student_ckpt, heads_bytes, tap_bytes, teacher_peak, reached)
 
 
-def _reached_params(meta: nn.Module, feats: dict[str, torch.Tensor]) -> int:
-    loss = sum(f.sum() for f in feats.values())
-    params = [p for p in meta.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return sum(p.numel() for p, g in zip(params, grads) if g is not None)
-
-
-def _largest_block(meta: nn.Module, x, t, ctx, taps) -> int:
-    """Saved bytes of the largest checkpointed unit (a resnet): re-materialised during backward."""
-    counter = _SavedBytes(list(meta.parameters()))
-    sizes: list[int] = []
-    handles = []
-    for name, module in meta.named_modules():
-        if name.split(".")[-2:-1] == ["resnets"]:
-            handles.append(module.register_forward_pre_hook(lambda m, a: sizes.append(-counter.total)))
-            handles.append(module.register_forward_hook(lambda m, a, o: sizes.append(counter.total)))
-    try:
-        with counter.recording():
-            run_to_taps(meta, x, t, ctx, taps)
-    finally:
-        for h in handles:
-            h.remove()
-    deltas = [sizes[k] + sizes[k + 1] for k in range(0, len(sizes) - 1, 2)]
-    return max(deltas, default=0)
-
-
-def _teacher_peak(meta: nn.Module, x, t, ctx, taps) -> int:
-    """No-grad teacher: the down path's skip connections stay alive, plus ~2 maps of the largest size."""
-    sizes: list[int] = []
-    handles = [m.register_forward_hook(lambda m, a, o: sizes.append(_nbytes(o)))
-               for name, m in meta.named_modules() if name.startswith("down_blocks.") and name.count(".") == 3]
-    try:
-        with torch.no_grad():
-            run_to_taps(meta, x, t, ctx, taps)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(sizes) + 2 * max(sizes, default=0)
+def _skip_bytes(o) -> int:
+    if isinstance(o, (tuple, list)) and len(o) == 2 and isinstance(o[1], (tuple, list)):
+        return sum(_nbytes(r) for r in o[1])
+    return _nbytes(o)
 
 
 def _nbytes(o) -> int:
