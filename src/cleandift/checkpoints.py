@@ -7,6 +7,8 @@ Formats understood (detected from the keys, never from the file name):
   ``unet_feature_extractor_cleandift.*`` (student), ``unet_feature_extractor_base.*`` (teacher),
   ``adapters.*`` / ``mapping.*`` / ``time_in_proj.*`` / ``time_emb.weight`` (projection heads and
   their timestep network), ``timestep`` (the student's learned timestep input) and ``ae.*`` (VAE).
+* an original-layout (LDM) U-Net file with only ``model.diffusion_model.*`` keys (what ODISE-based
+  pipelines such as SD-DINO / GeoAware-SC load; ``cleandift convert --to ldm-unet`` writes one).
 * a folder written by ``cleandift train`` export (``unet/`` + ``heads.safetensors`` + ``cleandift.json``)
   or any diffusers U-Net folder.
 
@@ -40,7 +42,7 @@ class StudentCheckpoint:
     """The parts of a checkpoint, split by role (keys relative to each part)."""
 
     source: str
-    format: str  # "unet" | "full" | "export"
+    format: str  # "unet" | "full" | "ldm-unet" | "export"
     student: dict[str, torch.Tensor]
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] | None = None

@@ -54,9 +54,9 @@ class UnknownPromptError(CleanDIFTError, ValueError):
     """A prompt that names no class of a class-conditional pixel model."""
 
 
-def mini_unet_config(block_out_channels: Sequence[int] = (32, 64, 128, 128), cross_attention_dim: int = 64,
-                     attention_head_dim: int = 8, image_channels: int = 1, resolution: int = 32,
-                     norm_num_groups: int = 16) -> dict:
+def mini_unet_config(block_out_channels: Sequence[int] = (16, 32, 64, 96), cross_attention_dim: int = 64,
+                     attention_head_dim: int = 2, image_channels: int = 1, resolution: int = 32,
+                     norm_num_groups: int = 8) -> dict:
     """``UNet2DConditionModel`` config with SD's block pattern, sized for CPU training.
 
     SD-1.5 uses ``[XDown, XDown, XDown, Down]`` / ``XMid`` / ``[Up, XUp, XUp, XUp]``. Here the

@@ -48,7 +48,7 @@ class PretrainConfig:
     out: str = "runs/mini-pretrain"
     steps: int = 12000
     batch_size: int = 64
-    lr: float = 6e-4
+    lr: float = 1e-3
     warmup_steps: int = 500
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -57,10 +57,10 @@ class PretrainConfig:
     label_dropout: float = 0.1
     seed: int = 0
     resolution: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 96)
     cross_attention_dim: int = 64
     attention_heads: int = 2
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8
     bf16: bool = False
     channels_last: bool = True
     threads: int = 1
