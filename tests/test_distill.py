@@ -159,7 +159,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_backbone, images):
         torch.manual_seed(0)
         aligner = FeatureAligner(tiny_backbone, taps="mid,us2", gradient_checkpointing=ckpt)  # us2: inside a ckpt'd resnet
         recomputed = []
-        hook = aligner.student.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: recomputed.append(1))
+        resnet = aligner.student.down_blocks[0].resnets[0]
+        hook = resnet.register_forward_pre_hook(lambda m, a, r=recomputed: r.append(1))
         out = aligner(images, generator=_gen(4))
         calls_forward = len(recomputed)
         out.loss.backward()

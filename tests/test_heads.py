@@ -161,7 +161,7 @@ def test_wrong_heads_are_refused_with_a_hint():
 def test_load_heads_from_full_layout_state_dict():
     src = ProjectionHeads({"us6": 16})
     _randomize(src, 1)
-    state = {f"unet_feature_extractor_cleandift.conv_in.weight": torch.zeros(2, 2), **src.state_dict(),
+    state = {"unet_feature_extractor_cleandift.conv_in.weight": torch.zeros(2, 2), **src.state_dict(),
              "timestep": torch.tensor(255.5)}
     heads, t = load_heads(state)
     assert t == pytest.approx(255.5)

@@ -58,7 +58,7 @@ def test_single_file_without_config_offline_gives_a_fix(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(path))
-    with pytest.raises(BackboneNotFoundError, match="--config DIR"):
+    with pytest.raises(BackboneNotFoundError, match="--model-config DIR"):
         load_backbone(str(path), local_files_only=True)
 
 

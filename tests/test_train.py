@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 
@@ -203,6 +202,12 @@ def test_export_loads_with_checkpoints_module_and_extracts_identically(tiny_back
     plain = read_checkpoint(out / UNET_FILE)  # the reference *_unet layout
     assert plain.format == "unet" and plain.student.keys() == student.state_dict().keys()
 
+    from cleandift.train.loop import build_aligner  # --checkpoint EXPORT initialises a new run from it
+
+    again = build_aligner(TrainConfig(checkpoint=str(out), taps="us6,us9"), tiny_backbone)
+    for k, v in aligner.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v)
+
 
 def test_memory_estimate_is_ordered(tiny_backbone):
     from cleandift.heads import HeadConfig
@@ -225,7 +230,7 @@ def test_cli_dry_run_and_three_step_run(tiny_pipeline_dir, tmp_path, capsys):
     data = _write_images(tmp_path / "data", 5)
     (data / "broken.jpg").write_bytes(b"\xff\xd8 nope")
     yaml_file = tmp_path / "train.yaml"
-    yaml_file.write_text(f"max_steps: 10\nbatch_size: 2\nwarmup_steps: 1\nlr: 1e-4\nval_images: 1\n")
+    yaml_file.write_text("max_steps: 10\nbatch_size: 2\nwarmup_steps: 1\nlr: 1e-4\nval_images: 1\n")
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_pipeline_dir), "--data", str(data), "--out", str(out), "--size", "64",
             "--config", str(yaml_file), "--max-steps", "3", "--workers", "0", "--taps", "mid,us6", "--device", "cpu",

@@ -79,6 +79,10 @@ class FeatureAligner(nn.Module):
         gradient_checkpointing: recompute the student's activations in backward (saves memory at
             64x64 latents and up; ~25-30 % slower).
         student: an already built student U-Net to train (default: a copy of ``backbone.unet``).
+
+    Device: the backbone is not a submodule, so ``aligner.to(device)`` moves only the trainable
+    parts; move the backbone yourself (``backbone.to(device)``) -- build the aligner after that and
+    the student copy is already in place.
     """
 
     def __init__(self, backbone: DiffusionBackbone, *, taps: str | Sequence[str] | None = None,
@@ -115,10 +119,13 @@ class FeatureAligner(nn.Module):
         backbone.unet.eval()
 
         validate_timestep(float(timestep_init), backbone.num_train_timesteps, "timestep_init")
-        self.timestep = nn.Parameter(torch.tensor(float(timestep_init)), requires_grad=student_timestep == "learned")
+        learned = student_timestep == "learned"
+        self.timestep = nn.Parameter(torch.tensor(float(timestep_init)), requires_grad=learned)
 
         self.head_config = (head_config or HeadConfig()) if use_heads else None
-        heads = ProjectionHeads({t.name: t.channels for t in self.selected_taps}, self.head_config) if use_heads else None
+        heads = None
+        if self.head_config is not None:
+            heads = ProjectionHeads({t.name: t.channels for t in self.selected_taps}, self.head_config)
         self.__dict__["heads"] = heads
         if heads is not None:  # registered at top level so the keys match the reference layout
             self.time_emb = heads.time_emb
@@ -154,7 +161,8 @@ class FeatureAligner(nn.Module):
             "loss": self.loss_kind, "use_heads": self.use_heads,
             "head_config": self.head_config.to_dict() if self.head_config else None,
             "student_timestep": self.student_timestep_mode, "timestep": float(self.timestep.detach()),
-            "sample_posterior": self.sample_posterior, "teacher_dtype": str(self.teacher_dtype).replace("torch.", ""),
+            "sample_posterior": self.sample_posterior,
+            "teacher_dtype": str(self.teacher_dtype).replace("torch.", ""),
             "gradient_checkpointing": self.gradient_checkpointing, "backbone": self.backbone.describe(),
         }
 
@@ -203,7 +211,8 @@ class FeatureAligner(nn.Module):
         i = self.num_timesteps
         x_t = self.backbone.add_noise(x0.repeat_interleave(i, 0), eps, t)
         dtype = self.teacher_dtype
-        feats = run_to_taps(self.teacher, x_t.to(dtype), t, cond.repeat_interleave(i, 0).to(dtype), self.selected_taps)
+        cond = cond.repeat_interleave(i, 0).to(dtype)
+        feats = run_to_taps(self.teacher, x_t.to(dtype), t, cond, self.selected_taps)
         return {name: flatten_hw(f) for name, f in feats.items()}
 
     def student_features(self, x0: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,7 +257,8 @@ class FeatureAligner(nn.Module):
         """
         state = {k: v.detach() for k, v in self.state_dict().items()}
         if include_teacher:
-            state.update({f"unet_feature_extractor_base.{k}": v.detach() for k, v in self.teacher.state_dict().items()})
+            teacher = self.teacher.state_dict()
+            state.update({f"unet_feature_extractor_base.{k}": v.detach() for k, v in teacher.items()})
         return state
 
     def load_checkpoint(self, checkpoint: str | StudentCheckpoint | Mapping[str, torch.Tensor], *,
@@ -263,7 +273,8 @@ class FeatureAligner(nn.Module):
         ckpt = _as_checkpoint(checkpoint)
         if student and ckpt.student:
             check_fits(self.student, ckpt.student, ckpt.source)
-            self.student.load_state_dict({k: v.to(self.student_dtype) for k, v in ckpt.student.items()}, strict=True)
+            weights = {k: v.to(self.student_dtype) for k, v in ckpt.student.items()}
+            self.student.load_state_dict(weights, strict=True)
         if heads and self.heads is not None:
             if not ckpt.heads:
                 raise CheckpointMismatchError(

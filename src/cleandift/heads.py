@@ -230,7 +230,8 @@ class FFNStack(nn.Module):
     def __init__(self, dim: int, config: HeadConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList([
-            HeadBlock(dim, config.cond_dim, config.ffn_expansion, config.head_norm, config.use_gating, config.dropout)
+            HeadBlock(dim, config.cond_dim, config.ffn_expansion, config.head_norm, config.use_gating,
+                      config.dropout)
             for _ in range(config.depth)
         ])
 

@@ -117,7 +117,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, resolution: int | None, lo
         pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001
         hint = "" if config else (
-            "; offline, pass --config DIR (a diffusers folder of the same model family whose "
+            "; offline, pass --model-config DIR (a diffusers folder of the same model family whose "
             "unet/vae/text_encoder/tokenizer/scheduler configs describe this checkpoint)"
         )
         from ..ldm_format import is_ldm_unet_only_file  # noqa: PLC0415
@@ -142,7 +142,7 @@ def _not_found_message(model: str, errors: list[str], local_files_only: bool) ->
     presets = ", ".join(PRESETS)
     lines = [f"could not load backbone {model!r}; tried:", *errors, "fix it with one of:"]
     lines.append("  --model /path/to/diffusers-folder   (a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
-    lines.append("  --model /path/to/model.safetensors [--config DIR]   (a single-file SD checkpoint)")
+    lines.append("  --model /path/to/model.safetensors [--model-config DIR]   (a single-file SD checkpoint)")
     lines.append("  --model owner/repo   (another hub id or mirror; needs network or a filled HF cache)")
     if local_files_only:
         lines.append("  unset HF_HUB_OFFLINE (offline mode only finds models already in the HF cache)")

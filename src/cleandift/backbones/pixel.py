@@ -44,6 +44,27 @@ PIXEL_SCHEDULER: dict = dict(num_train_timesteps=1000, beta_start=0.00085, beta_
                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=True,
                              clip_sample_range=1.0, steps_offset=1)
 
+#: Tap table of a 4-level :func:`mini_unet_config` U-Net: ``{tap: (module, level, stride)}`` where ``level``
+#: indexes ``block_out_channels`` (channels = ``block_out_channels[level]``) and stride is relative to the
+#: 32x32 input. Identical to SD's table except ``us10``: SD's last up block has attention
+#: (``up_blocks.3.attentions.0``), this one is plain at full resolution, so ``us10`` is its first resnet.
+#: ``mid`` ... ``us10`` are the default (reference) taps; ``us11``/``us12`` exist but are left out as in SD.
+MINI_TAP_TABLE: dict[str, tuple[str, int, int]] = {
+    "mid": ("mid_block", 3, 8),
+    "us1": ("up_blocks.0.resnets.0", 3, 8),
+    "us2": ("up_blocks.0.resnets.1", 3, 8),
+    "us3": ("up_blocks.0.upsamplers.0", 3, 4),
+    "us4": ("up_blocks.1.attentions.0", 2, 4),
+    "us5": ("up_blocks.1.attentions.1", 2, 4),
+    "us6": ("up_blocks.1.upsamplers.0", 2, 2),
+    "us7": ("up_blocks.2.attentions.0", 1, 2),
+    "us8": ("up_blocks.2.attentions.1", 1, 2),
+    "us9": ("up_blocks.2.upsamplers.0", 1, 1),
+    "us10": ("up_blocks.3.resnets.0", 0, 1),
+    "us11": ("up_blocks.3.resnets.1", 0, 1),
+    "us12": ("up_blocks.3.resnets.2", 0, 1),
+}
+
 METADATA_FILE = "pixel_backbone.json"
 BUNDLED_MINI_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
 
@@ -63,7 +84,11 @@ def mini_unet_config(block_out_channels: Sequence[int] = (16, 32, 64, 96), cross
     full-resolution level (first down block, last up block) is plain because self-attention over
     32x32 = 1024 tokens took ~68% of a training step on CPU; the lower levels keep cross-attention, so
     the label conditioning enters exactly where SD's text does. ``layers_per_block=2`` keeps 3 layers
-    per up block, hence SD's tap names ``mid, us1 ... us12``.
+    per up block, hence SD's tap names ``mid, us1 ... us12`` (see :data:`MINI_TAP_TABLE`).
+
+    Note diffusers' naming quirk: for this class ``attention_head_dim`` is the *number of heads* per
+    transformer (head width = channels / heads). 2 heads keep heads 16-48 wide; 8 heads of width 4-8
+    made CPU attention ~4x slower here for no benefit.
     """
     n = len(block_out_channels)
     if n < 2:
@@ -250,5 +275,28 @@ def load_bundled_mini(device: torch.device | str | None = None, dtype: torch.dty
 
 
 def feature_checksum(features: dict[str, torch.Tensor], decimals: int = 3) -> dict[str, float]:
-    """Per-tap rounded sums of ``|features|`` -- a stable fingerprint for "shipped weights reproduce" tests."""
-    return {name: round(float(f.float().abs().sum()), decimals) for name, f in sorted(features.items())}
+    """Per-tap rounded means of ``|features|`` -- a stable fingerprint for "shipped weights reproduce" tests."""
+    return {name: round(float(f.float().abs().mean()), decimals) for name, f in sorted(features.items())}
+
+
+CHECKSUM_FILE = "checksum.json"
+
+
+def reference_checksum(backbone: PixelDiffusionBackbone, taps: str = "mid,us6,us10", decimals: int = 4) -> dict:
+    """Fingerprint of a backbone: clean (t=0) features of a fixed input, with a class and the empty prompt.
+
+    The input is a deterministic pattern (no RNG, so it is the same on every platform and torch
+    version). Export records this next to the weights; a test recomputes it from the shipped files.
+    """
+    from ..extract import CleanExtractor  # noqa: PLC0415 - extract imports the backbones package
+
+    r = backbone.resolution
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r), torch.linspace(-1, 1, r), indexing="ij")
+    images = torch.stack([torch.sin(3 * xx) * torch.cos(2 * yy), (xx.abs() + yy.abs() < 0.8).float() * 2 - 1])
+    images = images.unsqueeze(1).expand(-1, backbone.image_channels, -1, -1)
+    extractor = CleanExtractor(backbone, timestep=0, taps=taps)
+    out = {}
+    for prompt in ("", backbone.class_names[0]):
+        feats = extractor(images, prompts=prompt)
+        out[prompt or "<empty>"] = feature_checksum(feats, decimals)
+    return out

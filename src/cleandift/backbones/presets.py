@@ -43,6 +43,15 @@ PRESETS: dict[str, BackbonePreset] = {
         resolution=768,
         notes="stabilityai/stable-diffusion-2-1 was deleted from the hub in 2026; the others are unofficial mirrors.",
     ),
+    "mini": BackbonePreset(
+        name="mini",
+        description="bundled pixel-space class-conditional diffusion model, Fashion-MNIST 32 px (offline, CPU)",
+        sources=("cleandift/assets/mini",),
+        resolution=32,
+        default_prompt="",
+        notes="trained by the project with `cleandift pretrain-mini`; ships inside the package (no download); "
+              "prompts are class names or 'a photo of a {class}'; see docs/mini-model.md",
+    ),
 }
 
 

@@ -18,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "sd15")
     group.add_argument("--checkpoint", default=None,
                        help="student weights: a released cleandift_*_unet/_full.safetensors, a diffusers U-Net "
                             "folder or a `cleandift train` export")
-    group.add_argument("--config", dest="single_file_config", default=None,
+    group.add_argument("--model-config", dest="single_file_config", default=None,
                        help="diffusers folder / hub id with the configs of a single-file --model (needed offline)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     group.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute precision (default fp32)")

@@ -34,7 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="base backbone (preset, folder, hub id or single file); required for single-file, "
                         "optional for ldm-unet (then the student is checked against it)")
-    p.add_argument("--config", dest="single_file_config", default=None,
+    p.add_argument("--model-config", dest="single_file_config", default=None,
                    help="diffusers folder / hub id with the configs of a single-file --model (needed offline)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="precision of the written weights (default: fp32 with --model, else as stored)")

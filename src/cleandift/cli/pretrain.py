@@ -49,7 +49,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="DIR",
                    help="after training (or right away with --steps 0 / a finished run) write the EMA model "
                         "as an fp16 pixel-backbone folder + model card to DIR")
+    p.add_argument("--export-only", action="store_true",
+                   help="only export the last checkpoint of --out (read-only: safe while that run is training)")
     p.add_argument("--card-samples", type=int, default=8, help="samples per class in the model card grid")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the model card samples")
     p.set_defaults(func=run)
     return p
 
@@ -67,9 +70,20 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pretrain.train import open_run  # noqa: PLC0415
+    from ..errors import ConfigError  # noqa: PLC0415
+    from ..pretrain.train import open_run, read_run  # noqa: PLC0415
 
     torch.set_num_threads(max(1, args.threads))
+    if args.export_only:
+        if not args.export:
+            raise ConfigError("--export-only needs --export DIR")
+        from ..pretrain.export import export_run  # noqa: PLC0415
+
+        snapshot = read_run(args.out)
+        folder = export_run(snapshot, Path(args.export), samples_per_class=args.card_samples,
+                            sample_steps=args.sample_steps)
+        print(f"exported the EMA model (step {snapshot.step}) to {folder}")
+        return 0
     config = _config(args)
     trainer = open_run(config, resume=args.resume)
     log.info("run %s: %d/%d steps, batch %d, %d threads, %s params", config.out, trainer.step, trainer.config.steps,
@@ -80,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from ..pretrain.export import export_run  # noqa: PLC0415
 
-        folder = export_run(trainer, Path(args.export), samples_per_class=args.card_samples)
+        folder = export_run(trainer, Path(args.export), samples_per_class=args.card_samples,
+                            sample_steps=args.sample_steps)
         print(f"exported the EMA model (step {trainer.step}) to {folder}")
     return 0

@@ -29,20 +29,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="distill a CleanDIFT student (fine-tune on clean images against the noisy teacher)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        conflict_handler="resolve",  # our --config is the training YAML (see --model-config)
     )
     add_model_args(parser)
     parser.set_defaults(model=None, dtype=None)  # unset flags must not override the YAML file
-    parser.add_argument("--model-config", dest="single_file_config", default=None,
-                        help="diffusers folder / hub id with the configs of a single-file --model (needed offline)")
     parser.add_argument("--config", dest="config_file", default=None, metavar="FILE.yaml",
                         help="training config (YAML keys = the TrainConfig fields); flags override it")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--data", default=None, metavar="DIR", help="folder of training images (recursive; jpg/png/webp, "
-                     "captions from NAME.txt or NAME.json {\"caption\": ...})")
-    run.add_argument("--val-data", default=None, metavar="DIR", help="held-out folder (default: hold out images of --data)")
-    run.add_argument("--val-images", type=int, default=None, help="images held out of --data for validation (default 8)")
+    run.add_argument("--data", default=None, metavar="DIR",
+                     help="folder of training images (recursive; jpg/png/webp, captions from NAME.txt or "
+                          "NAME.json {\"caption\": ...})")
+    run.add_argument("--val-data", default=None, metavar="DIR",
+                     help="held-out folder (default: hold out images of --data)")
+    run.add_argument("--val-images", type=int, default=None,
+                     help="images held out of --data for validation (default 8, at most a quarter)")
     run.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default runs/cleandift)")
     run.add_argument("--preset", choices=("paper", "code"), default=None,
                      help="paper: lr 2e-6, linear warmup, 400 steps (default); code: lr 1e-5, 2000-step warmup")
@@ -53,7 +53,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--resize", choices=("crop", "stretch"), default=None,
                      help="crop: centre crop + resize (paper); stretch: plain resize (reference code)")
     run.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-6, code 1e-5)")
-    run.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (paper preset 40, code 2000)")
+    run.add_argument("--warmup-steps", type=int, default=None,
+                     help="linear warmup steps (paper preset 40, code 2000)")
     run.add_argument("--optimizer", choices=("adam", "adam-fused", "adam8bit"), default=None,
                      help="adam (default), adam-fused (torch fused kernel), adam8bit (needs bitsandbytes)")
     run.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default 42)")
@@ -62,20 +63,25 @@ def register(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--gradient-checkpointing", action="store_true", default=None,
                      help="recompute student activations in backward (less memory, ~30%% slower)")
     run.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default 2)")
-    run.add_argument("--checkpoint-every", type=int, default=None, help="save a resumable state every N steps (default 100)")
+    run.add_argument("--checkpoint-every", type=int, default=None,
+                     help="save a resumable state every N steps (default 100; the last step is always saved)")
     run.add_argument("--keep-checkpoints", type=int, default=None, help="resumable states kept (default 1)")
-    run.add_argument("--val-every", type=int, default=None, help="validation loss every N steps (0 = never; default 100)")
+    run.add_argument("--val-every", type=int, default=None,
+                     help="validation loss every N steps (0 = never; default 100)")
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_DIR",
                      help="continue the run in --out from its newest checkpoint (or from CHECKPOINT_DIR)")
-    run.add_argument("--dry-run", action="store_true", help="check data, model and config, print the memory estimate, "
-                     "and exit without training")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check data, model and config, print the memory estimate, and exit without training")
     run.add_argument("--no-export", dest="export", action="store_false", default=None,
                      help="do not export the student at the end")
 
     method = parser.add_argument_group("method")
-    method.add_argument("--taps", default=None, help="taps to align (comma list or 'all'; default: the 11 reference taps)")
-    method.add_argument("--num-timesteps", type=int, default=None, help="teacher timesteps per image, I (default 3)")
-    method.add_argument("--loss", choices=("cosine", "l1", "mse"), default=None, help="alignment loss (default cosine)")
+    method.add_argument("--taps", default=None,
+                        help="taps to align (comma list or 'all'; default: the 11 reference taps)")
+    method.add_argument("--num-timesteps", type=int, default=None,
+                        help="teacher timesteps per image, I (default 3)")
+    method.add_argument("--loss", choices=("cosine", "l1", "mse"), default=None,
+                        help="alignment loss (default cosine)")
     method.add_argument("--head-norm", choices=("adarms", "film"), default=None,
                         help="adarms: shipped code / released weights (default); film: paper's main config")
     method.add_argument("--no-heads", dest="use_heads", action="store_false", default=None,
@@ -89,10 +95,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDES = ("model", "checkpoint", "single_file_config", "device", "data", "val_data", "val_images", "out", "preset",
-              "max_steps", "batch_size", "grad_accum", "size", "resize", "lr", "warmup_steps", "optimizer", "seed",
-              "gradient_checkpointing", "workers", "checkpoint_every", "keep_checkpoints", "val_every", "export",
-              "taps", "num_timesteps", "loss", "head_norm", "use_heads", "student_timestep", "captions", "prompt")
+_OVERRIDES = ("model", "checkpoint", "single_file_config", "device", "data", "val_data", "val_images", "out",
+              "preset", "max_steps", "batch_size", "grad_accum", "size", "resize", "lr", "warmup_steps",
+              "optimizer", "seed", "gradient_checkpointing", "workers", "checkpoint_every", "keep_checkpoints",
+              "val_every", "export", "taps", "num_timesteps", "loss", "head_norm", "use_heads", "student_timestep",
+              "captions", "prompt")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

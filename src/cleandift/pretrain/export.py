@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..backbones.pixel import PixelDiffusionBackbone
+import json
+
+from ..backbones.pixel import CHECKSUM_FILE, PixelDiffusionBackbone, load_pixel_backbone, reference_checksum
 from .sampling import image_grid, sample_images
-from .train import Pretrainer
+from .train import Pretrainer, RunSnapshot
 
 CARD = "MODEL_CARD.md"
 
@@ -92,7 +94,8 @@ def folder_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in {".safetensors", ".json"}}
 
 
-def export_run(trainer: Pretrainer, folder: Path, samples_per_class: int = 8, knn: dict | None = None) -> Path:
+def export_run(trainer: Pretrainer | RunSnapshot, folder: Path, samples_per_class: int = 8, sample_steps: int = 50,
+               knn: dict | None = None) -> Path:
     """Write the EMA model (fp16) to ``folder`` with loss curve, sample grid and ``MODEL_CARD.md``."""
     folder = Path(folder)
     backbone = trainer.ema_backbone()
@@ -102,13 +105,22 @@ def export_run(trainer: Pretrainer, folder: Path, samples_per_class: int = 8, kn
     steps, losses = read_loss_csv(trainer.out / "loss.csv")
     if losses:
         plot_loss(steps, losses, folder / "loss_curve.png")
-    save_sample_grid(backbone, folder / "samples.png", per_class=samples_per_class)
+    save_sample_grid(backbone, folder / "samples.png", per_class=samples_per_class, steps=sample_steps)
     final = sum(losses[-200:]) / len(losses[-200:]) if losses else float("nan")
-    (folder / CARD).write_text(model_card(backbone, trainer, final, knn), encoding="utf-8")
+    (folder / CARD).write_text(model_card(backbone, trainer, final, knn, sample_steps), encoding="utf-8")
+    record_checksum(folder)
     return folder
 
 
-def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer, final_loss: float, knn: dict | None) -> str:
+def record_checksum(folder: Path) -> dict:
+    """Write ``checksum.json``: the reference fingerprint of the folder *as loaded back* in fp32."""
+    checksum = reference_checksum(load_pixel_backbone(folder, dtype=torch.float32))
+    (folder / CHECKSUM_FILE).write_text(json.dumps(checksum, indent=2) + "\n", encoding="utf-8")
+    return checksum
+
+
+def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer | RunSnapshot, final_loss: float, knn: dict | None,
+               sample_steps: int = 50) -> str:
     cfg = trainer.config
     params = sum(p.numel() for p in backbone.unet.parameters())
     enc = sum(p.numel() for p in backbone.label_encoder.parameters())
@@ -143,7 +155,7 @@ def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer, final_loss
         "![loss curve](loss_curve.png)",
         "",
         "## Samples",
-        "DDIM, 50 steps, classifier-free guidance 2.0, one row per class "
+        f"DDIM, {sample_steps} steps, classifier-free guidance 2.0, one row per class "
         f"({', '.join(backbone.class_names)}).",
         "",
         "![samples](samples.png)",

@@ -31,6 +31,20 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
     return correct / len(queries)
 
 
+def pixel_baselines(bank: tuple[torch.Tensor, torch.Tensor], queries: tuple[torch.Tensor, torch.Tensor],
+                    k: int = 10) -> dict[str, float]:
+    """Raw-pixel kNN with intensities in [0, 1] (the usual baseline) and in the model's [-1, 1].
+
+    Cosine similarity depends on the offset: in [-1, 1] the background is -1 and dominates every
+    vector, so both are reported and the bar is measured against the better one.
+    """
+    out = {}
+    for name, shift in (("pixels[0,1]", 1.0), ("pixels[-1,1]", 0.0)):
+        fb, fq = (bank[0].flatten(1) + shift) / (1 + shift), (queries[0].flatten(1) + shift) / (1 + shift)
+        out[name] = knn_top1(fb, bank[1], fq, queries[1], k=k)
+    return out
+
+
 @torch.no_grad()
 def pooled_features(backbone: PixelDiffusionBackbone, images: torch.Tensor, taps: Sequence[str], t: int = 0,
                     batch_size: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,7 +69,7 @@ def knn_probe(backbone: PixelDiffusionBackbone, bank: tuple[torch.Tensor, torch.
               timesteps: Sequence[int] = (0, 100, 261), k: int = 10) -> dict[str, float]:
     """``{"pixels": acc, "t=0/mid": acc, ...}`` on a bank/query split of model-range images."""
     taps = list(taps or backbone.taps.names)
-    results = {"pixels": knn_top1(bank[0].flatten(1), bank[1], queries[0].flatten(1), queries[1], k=k)}
+    results = pixel_baselines(bank, queries, k=k)
     for t in timesteps:
         fb = pooled_features(backbone, bank[0], taps, t=t, seed=1)
         fq = pooled_features(backbone, queries[0], taps, t=t, seed=2)

@@ -333,17 +333,41 @@ def ema_backbone_from_state(config: PretrainConfig, shadow: dict[str, torch.Tens
     return backbone
 
 
-def load_checkpoint_backbone(path: str | Path) -> PixelDiffusionBackbone:
-    """EMA backbone from a run directory, ``last.pt`` or a ``step_*.pt`` snapshot."""
+@dataclass
+class RunSnapshot:
+    """Read-only view of a checkpoint (what export and probes need); never touches the run's files."""
+
+    config: PretrainConfig
+    step: int
+    ema_shadow: dict
+    out: Path
+
+    def ema_backbone(self) -> PixelDiffusionBackbone:
+        return ema_backbone_from_state(self.config, self.ema_shadow, self.step)
+
+
+def read_run(path: str | Path) -> RunSnapshot:
+    """Snapshot of a run directory (its ``last.pt``), a ``last.pt`` or a ``step_*.pt`` file.
+
+    Safe while the run is still training: checkpoints are replaced atomically, so this reads either
+    the previous or the new one, never a half-written file.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise CheckpointMismatchError(f"{path}: no pretraining checkpoint here")
+        raise CheckpointMismatchError(f"{path}: no pretraining checkpoint here (is the run older than its "
+                                      "first --checkpoint-every steps?)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not str(state.get("format", "")).startswith("cleandift-pretrain"):
         raise CheckpointMismatchError(f"{path}: not a cleandift pretraining checkpoint")
-    return ema_backbone_from_state(PretrainConfig.from_dict(state["config"]), state["ema"]["shadow"], state["step"])
+    return RunSnapshot(PretrainConfig.from_dict(state["config"]), int(state["step"]), state["ema"]["shadow"],
+                       path.parent)
+
+
+def load_checkpoint_backbone(path: str | Path) -> PixelDiffusionBackbone:
+    """EMA backbone from a run directory, ``last.pt`` or a ``step_*.pt`` snapshot."""
+    return read_run(path).ema_backbone()
 
 
 def _progress(initial: int, total: int, enabled: bool):

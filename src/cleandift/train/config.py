@@ -48,7 +48,7 @@ class TrainConfig:
     val_images: int = 8
     size: int | None = None  # image side; None = the backbone's resolution
     resize: str = "crop"
-    captions: bool = True  # read sidecar .txt / .json captions; False = empty prompt for all
+    captions: bool = True  # read sidecar .txt / .json captions; False = `prompt` for every image
     prompt: str = ""  # prompt for images without a caption
     workers: int = 2
     # run

@@ -2,7 +2,7 @@
 
 ``RUN_DIR/export/`` gets::
 
-    unet/                         diffusers U-Net folder (save_pretrained): config.json + diffusion_pytorch_model.safetensors
+    unet/                         diffusers U-Net folder (save_pretrained): config.json + weights
     heads.safetensors             projection heads with the reference key names, plus ``timestep``
     cleandift.json                {"timestep", "taps", "head_config", "backbone", ...}
     cleandift_unet.safetensors    the reference *_unet layout: a plain U-Net state dict
@@ -62,7 +62,8 @@ def export_run(aligner: FeatureAligner, out_dir: str | Path, *, config=None, ful
 
 
 def heads_state_dict(aligner: FeatureAligner) -> dict[str, torch.Tensor]:
-    """Heads with reference key names (``adapters.*``, ``mapping.*``, ``time_in_proj.*``, ``time_emb.weight``) + ``timestep``."""
+    """Heads with the reference key names (``adapters.*``, ``mapping.*``, ``time_in_proj.*``,
+    ``time_emb.weight``) plus the learned ``timestep``."""
     state = {k: v.detach().contiguous() for k, v in aligner.state_dict().items()
              if not k.startswith("unet_feature_extractor_cleandift.")}
     state["timestep"] = aligner.timestep.detach().float().reshape(())

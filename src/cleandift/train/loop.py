@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 import os
 import shutil
 import time
@@ -119,7 +118,8 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     model, optimizer = accelerator.prepare(aligner, optimizer)
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        with _quiet("accelerate"):
+            accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d (%d batches consumed)", resume_from, state.step, state.batches)
 
     logger = RunLogger(run_dir, aligner.tap_names, enabled=main, resume_step=state.step if resume_from else None)
@@ -134,23 +134,25 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     last_loss = None
     bar = _progress_bar(config.max_steps, state.step, enabled=progress and main)
     try:
-        while state.step < config.max_steps:
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            total, per_tap = train_step(model, batches, optimizer, scheduler, state, config, accelerator)
-            last_loss = total
-            logs = _step_logs(state, total, per_tap, lr, aligner, sampler, time.perf_counter() - t0, len(bad))
-            if state.step % config.log_every == 0 or state.step == config.max_steps:
-                logger.step(state.step, logs)
-            bar.update(1)
-            bar.set_postfix_str(_postfix(total, per_tap))
-            if val_set is not None and config.val_every and (state.step % config.val_every == 0
-                                                              or state.step == config.max_steps):
-                val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
-            if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or state.step == config.max_steps:
-                ckpts.save(accelerator, state.step)
-            for callback in callbacks:
-                callback(state.step, logs)
+        with _log_through(bar):
+            while state.step < config.max_steps:
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                total, per_tap = train_step(model, batches, optimizer, scheduler, state, config, accelerator)
+                last_loss = total
+                logs = _step_logs(state, total, per_tap, lr, aligner, sampler, time.perf_counter() - t0, len(bad))
+                if state.step % config.log_every == 0 or state.step == config.max_steps:
+                    logger.step(state.step, logs)
+                bar.update(1)
+                bar.set_postfix_str(_postfix(total, per_tap))
+                if val_set is not None and config.val_every and (state.step % config.val_every == 0
+                                                                  or state.step == config.max_steps):
+                    val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
+                periodic = config.checkpoint_every and state.step % config.checkpoint_every == 0
+                if periodic or state.step == config.max_steps:
+                    ckpts.save(accelerator, state.step)
+                for callback in callbacks:
+                    callback(state.step, logs)
     finally:
         bar.close()
         logger.close()
@@ -178,7 +180,7 @@ def train_step(model, batches, optimizer, scheduler, state: TrainState, config: 
         state.batches += 1
         _record_skipped(state, batch["skipped"])
         images = batch["images"].to(accelerator.device)
-        captions = batch["captions"] if config.captions else None
+        captions = batch["captions"]  # sidecar captions, else config.prompt (see ImageFolder)
         generator = step_generator(config.seed, state.step, micro, accelerator.process_index)
         sync = micro == config.grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -206,7 +208,7 @@ def validate(model, val_set: ImageFolder, config: TrainConfig, accelerator) -> t
         batch = collate([val_set[i] for i in range(start, min(start + config.batch_size, len(val_set)))])
         images = batch["images"].to(accelerator.device)
         generator = step_generator(config.seed, -1, k, 0)
-        out = model(images, batch["captions"] if config.captions else None, generator=generator)
+        out = model(images, batch["captions"], generator=generator)
         b = images.shape[0]
         total += out.loss.float().item() * b
         for name, value in out.per_tap.items():
@@ -382,7 +384,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with _quiet("accelerate"):  # one line of ours instead of one per saved file
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():
@@ -391,8 +394,20 @@ class CheckpointManager:
             _atomic_write(self.root / LATEST, final.name)
             for old in self.folders()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            log.info("step %d: saved resumable state to %s", step, final)
         accelerator.wait_for_everyone()
         return final
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -409,7 +424,8 @@ class RunLogger:
     the logs read like one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, taps: Sequence[str], enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, taps: Sequence[str], enabled: bool = True,
+                 resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.train_csv = run_dir / "train_log.csv"
         self.val_csv = run_dir / "val_log.csv"
@@ -504,21 +520,22 @@ def _log_start(config: TrainConfig, backbone, aligner: FeatureAligner, size: int
                processes: int) -> None:
     from .memory import estimate_memory  # noqa: PLC0415
 
-    log.info("run dir %s: %d training image(s)%s, %d unreadable skipped; %d process(es)", config.out, len(train_set),
-             f", {len(val_set)} held out for validation" if val_set is not None else "", len(bad), processes)
+    held_out = f", {len(val_set)} held out for validation" if val_set is not None else ""
+    log.info("run dir %s: %d training image(s)%s, %d unreadable skipped; %d process(es)", config.out,
+             len(train_set), held_out, len(bad), processes)
     log.info("taps %s, I=%d timesteps in [%d, %d), loss %s, heads %s, student timestep %s (%.1f)",
              ",".join(aligner.tap_names), config.num_timesteps, config.t_min, config.t_max, config.loss,
              config.head_norm if config.use_heads else "none", config.student_timestep, config.timestep_init)
     try:
         estimate = estimate_memory(backbone, aligner.selected_taps, size, config.batch_size, config.num_timesteps,
                                    aligner.head_config, config.student_timestep == "learned")
-        log.info(estimate.report(config.dtype, config.gradient_checkpointing, config.optimizer, config.teacher_dtype))
+        log.info(_report(estimate, config))
     except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
         log.info("(memory estimate unavailable: %s: %s)", type(exc).__name__, exc)
     if config.max_steps * config.batch_size * config.grad_accum * processes > 50 * len(train_set):
         log.warning("the run sees every training image more than 50 times; consider more images "
                     "(the paper used ~3k) or fewer steps")
-    if math.isfinite(config.lr) and config.lr_schedule == "constant_with_warmup" and config.warmup_steps > config.max_steps:
+    if config.lr_schedule == "constant_with_warmup" and config.warmup_steps > config.max_steps:
         log.info("note: warmup (%d steps) is longer than the run (%d steps); the LR ends at %.2e",
                  config.warmup_steps, config.max_steps, config.lr * config.max_steps / config.warmup_steps)
 
@@ -562,9 +579,26 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
                      + (", heads fit" if head_config is not None and ckpt.heads else ""))
     estimate = estimate_memory(backbone, taps, size, config.batch_size, config.num_timesteps, head_config,
                                config.student_timestep == "learned")
-    lines.append(estimate.report(config.dtype, config.gradient_checkpointing, config.optimizer, config.teacher_dtype))
-    lines.append(f"config ({config.preset} preset): lr {config.lr:g}, {config.lr_schedule} ({config.warmup_steps} "
-                 f"warmup), {config.max_steps} steps x {config.batch_size} images x {config.grad_accum} accumulation, "
-                 f"dtype {config.dtype}, teacher {config.teacher_dtype or 'fp32'}")
+    lines.append(_report(estimate, config))
+    lines.append(f"config ({config.preset} preset): lr {config.lr:g}, {config.lr_schedule} "
+                 f"({config.warmup_steps} warmup), {config.max_steps} steps x {config.batch_size} images x "
+                 f"{config.grad_accum} accumulation, dtype {config.dtype}, "
+                 f"teacher {config.teacher_dtype or 'fp32'}")
     lines.append("dry run: nothing trained, nothing written")
     return "\n".join(lines)
+
+
+def _report(estimate, config: TrainConfig) -> str:
+    return estimate.report(config.dtype, config.gradient_checkpointing, config.optimizer, config.teacher_dtype)
+
+
+@contextlib.contextmanager
+def _log_through(bar):
+    """Route log lines through the progress bar so they do not tear it apart."""
+    if getattr(bar, "disable", True):
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
+    with logging_redirect_tqdm():
+        yield

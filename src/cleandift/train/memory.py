@@ -84,10 +84,12 @@ class MemoryEstimate:
                teacher_dtype: str | None = None) -> str:
         """The component breakdown of the chosen configuration plus the GPU table."""
         parts = self.components(precision, checkpointing, optimizer, teacher_dtype)
+        ckpt = ", gradient checkpointing" if checkpointing else ""
         lines = [f"memory estimate (an estimate, see cleandift.train.memory): batch {self.batch_size} x "
-                 f"{self.num_timesteps} timesteps, {precision}{', gradient checkpointing' if checkpointing else ''}",
-                 f"  parameters: student {self.student_params / 1e6:.1f} M (of which {self.trainable_params / 1e6:.1f} M "
-                 f"trainable incl. heads), heads {self.head_params / 1e6:.1f} M, teacher {self.teacher_params / 1e6:.1f} M"]
+                 f"{self.num_timesteps} timesteps, {precision}{ckpt}",
+                 f"  parameters: student {self.student_params / 1e6:.1f} M, trainable incl. heads "
+                 f"{self.trainable_params / 1e6:.1f} M, heads {self.head_params / 1e6:.1f} M, "
+                 f"teacher {self.teacher_params / 1e6:.1f} M"]
         lines += [f"  {name:<30} {gib:8.2f} GiB" for name, gib in parts.items()]
         lines.append(f"  {'total':<30} {sum(parts.values()):8.2f} GiB  (+ ~0.5-1 GiB CUDA context on a GPU)")
         lines.append(f"  activations per image: student {self.profile.student / GiB:.2f} GiB fp32 "
@@ -104,8 +106,9 @@ class MemoryEstimate:
                  "|---|---|---|---|"]
         for precision in ("fp32", "bf16"):
             for ckpt in (False, True):
-                cells = [f"{self.total(precision=precision, checkpointing=ckpt, optimizer=o, teacher_dtype=teacher_dtype):.1f} GiB"
-                         for o in optimizers]
+                totals = [self.total(precision=precision, checkpointing=ckpt, optimizer=o,
+                                     teacher_dtype=teacher_dtype) for o in optimizers]
+                cells = [f"{t:.1f} GiB" for t in totals]
                 name = "fp32" if precision == "fp32" else "bf16 autocast"
                 lines.append(f"| {name} | {'yes' if ckpt else 'no'} | {cells[0]} | {cells[1]} |")
         return "\n".join(lines)

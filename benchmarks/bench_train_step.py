@@ -1,0 +1,189 @@
+"""One CleanDIFT training step: ours vs the reference algorithm, side by side in one process.
+
+    python benchmarks/bench_train_step.py --arch tiny-sd15 --size 128 --batch-size 2 --repeats 5
+    python benchmarks/bench_train_step.py --arch sd15 --size 256 --batch-size 1 --repeats 5   # ~18 GB RAM!
+
+Cases (same student, teacher, heads and Adam optimizer; random weights -- cost does not depend on them):
+
+* ``ours``      -- :class:`cleandift.distill.FeatureAligner`: student **once per image** on the clean
+                   latent (features broadcast to the I heads); teacher stopped right after the last tap
+                   (``us10``); teacher in ``--teacher-dtype``.
+* ``reference`` -- the CompVis ``StableFeatureAligner.forward`` algorithm: the student runs on all
+                   ``B*I`` copies of the clean latent; the fp32 teacher and the student both run all of
+                   ``up_blocks[3]`` (their feature extractor stops right before ``conv_norm_out``).
+
+Both include the VAE encode (once per image), prompt encoding (cached), heads, loss, backward and the
+Adam update. Every timing is the median (and min) over ``--repeats`` interleaved rounds after
+``--warmup`` rounds; peak RSS is VmHWM, reset through ``/proc/self/clear_refs`` before every step, so it
+is the resident set during that step (weights + optimizer state + the step's transient memory).
+Results are written to ``benchmarks/results/train_step-<arch>-<size>.md``.
+
+Memory: at ``sd15`` size the process holds student + teacher + Adam state (~14 GB) before any step,
+and a step peaks at ~18-20 GB; do not run it next to another large job on a 24 GB machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import environment_line, peak_rss_mb, reset_peak_rss  # noqa: E402
+
+from cleandift.backbones.random_init import build_random_backbone  # noqa: E402
+from cleandift.distill import FeatureAligner  # noqa: E402
+from cleandift.features import flatten_hw  # noqa: E402
+from cleandift.loss import alignment_loss  # noqa: E402
+from cleandift.taps import capture_taps  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook on ``conv_norm_out``: the reference extractor never runs it."""
+
+
+def run_through_up_blocks(unet, sample, timestep, cond, taps) -> dict[str, torch.Tensor]:
+    """The reference extractor: capture the taps but run every up block to the end (no early stop)."""
+    handle = unet.conv_norm_out.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(_Stop()))
+    if not isinstance(timestep, torch.Tensor):
+        timestep = torch.tensor(float(timestep))
+    if timestep.ndim == 0:
+        timestep = timestep.expand(sample.shape[0])
+    try:
+        with capture_taps(unet, taps, stop_early=False) as feats:
+            try:
+                unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return {t.name: flatten_hw(feats[t.name]) for t in taps}
+
+
+def reference_loss(aligner: FeatureAligner, teacher, images: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """``StableFeatureAligner.forward``: x0 repeated I times for the student too; fp32 teacher to the end."""
+    backbone, i = aligner.backbone, aligner.num_timesteps
+    b = images.shape[0]
+    x0 = aligner.encode(images, generator)
+    cond = backbone.encode_prompts(None, b).float()
+    t = aligner.sample_timesteps(b, generator, x0.device).reshape(-1)
+    x0_rep = x0.repeat_interleave(i, 0)
+    cond_rep = cond.repeat_interleave(i, 0)
+    eps = torch.randn(x0_rep.shape, generator=generator)
+    with torch.no_grad():
+        x_t = backbone.add_noise(x0_rep, eps, t)
+        target = run_through_up_blocks(teacher, x_t, t, cond_rep, aligner.selected_taps)
+    student = run_through_up_blocks(aligner.student, x0_rep, aligner.timestep, cond_rep, aligner.selected_taps)
+    c = aligner.heads.condition(t)
+    pred = {k: aligner.heads.project(k, v, c) for k, v in student.items()}
+    return alignment_loss(pred, target)[0]
+
+
+def make_step(loss_fn, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+    return step
+
+
+def measure(cases: dict, warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Interleaved rounds; per case the step time and the peak RSS during the step."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    out = {name: {"time": [], "rss": []} for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            reset_peak_rss()
+            t0 = time.perf_counter()
+            fn()
+            out[name]["time"].append(time.perf_counter() - t0)
+            out[name]["rss"].append(peak_rss_mb())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="tiny-sd15", choices=("tiny-sd15", "tiny-sd21", "sd15", "sd21"))
+    parser.add_argument("--size", type=int, default=None, help="image side in px (default: the arch's resolution)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-timesteps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--teacher-dtype", choices=sorted(DTYPES), default="fp32",
+                        help="teacher precision for `ours` (bf16 keeps an extra fp32 teacher for `reference`)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for `ours` only")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None,
+                        help="results file (default benchmarks/results/train_step-<arch>-<size>.md)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    backbone = build_random_backbone(args.arch)
+    size = args.size or backbone.resolution
+    teacher_dtype = DTYPES[args.teacher_dtype]
+    ref_teacher = backbone.unet if teacher_dtype == torch.float32 else copy.deepcopy(backbone.unet)
+    aligner = FeatureAligner(backbone, num_timesteps=args.num_timesteps, teacher_dtype=teacher_dtype,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    optimizer = torch.optim.Adam(aligner.trainable_parameters(), lr=1e-7)  # tiny lr: weights barely move
+    images = torch.rand(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    counter = iter(range(10**9))
+
+    def ours():
+        return aligner(images, generator=torch.Generator().manual_seed(next(counter))).loss
+
+    def reference():
+        return reference_loss(aligner, ref_teacher, images, torch.Generator().manual_seed(next(counter)))
+
+    cases = {"ours": make_step(ours, optimizer), "reference": make_step(reference, optimizer)}
+    reset_peak_rss()
+    resident = peak_rss_mb()
+    results = measure(cases, args.warmup, args.repeats)
+
+    rows = []
+    for name, r in results.items():
+        times, rss = r["time"], r["rss"]
+        rows.append((name, statistics.median(times), min(times), statistics.median(rss), max(rss)))
+    ratio = rows[1][1] / rows[0][1]
+    lines = [
+        f"## train step, {args.arch} @ {size} px, batch {args.batch_size} x {args.num_timesteps} timesteps "
+        f"({date.today().isoformat()})",
+        "",
+        f"{environment_line()}; ours: teacher {args.teacher_dtype}, early stop after the last tap"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; reference: fp32 teacher, "
+        f"student on B*I copies, both through up_blocks[3]; {args.warmup} warm-ups, {args.repeats} interleaved "
+        f"repeats; resident before the first step {resident:,.0f} MB (after build).",
+        "",
+        "| case | median s/step | min s/step | median peak RSS (MB) | max peak RSS (MB) |",
+        "|---|---|---|---|---|",
+        *[f"| {n} | {med:.3f} | {mn:.3f} | {rss:,.0f} | {rss_max:,.0f} |" for n, med, mn, rss, rss_max in rows],
+        "",
+        f"reference / ours (median time): **{ratio:.2f}x**",
+        "",
+    ]
+    if args.arch.startswith("tiny"):
+        lines[-1:-1] = ["(tiny model: peak RSS is dominated by memory the allocator keeps between steps; the "
+                        "two cases only separate at real sizes)", ""]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train_step-{args.arch}-{size}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""``cleandift pretrain-mini``: idx reading, a few training steps, exact resume, export."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cleandift.errors import CleanDIFTError, ConfigError, DatasetError
+from cleandift.pretrain.idx import load_idx_dataset, read_idx, resolve_split, to_model_range, write_idx
+from cleandift.pretrain.train import CHECKPOINT, PretrainConfig, load_checkpoint_backbone, lr_lambda, open_run
+
+N_IMAGES = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: these tiny models gain nothing from two, and two OpenMP threads on a busy 2-core
+    machine spin-wait (the resume test took 34 s instead of a few)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """Tiny Fashion-MNIST look-alike in the real idx.gz format: bright squares whose size encodes the label."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    labels = (np.arange(N_IMAGES) % 10).astype(np.uint8)
+    images = rng.integers(0, 40, size=(N_IMAGES, 28, 28), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 4:8 + 2 * int(y), 4:8 + 2 * int(y)] = 255
+    for split, n in (("train", N_IMAGES), ("t10k", 4)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images[:n])
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels[:n])
+    return folder
+
+
+def _config(out, **kw) -> PretrainConfig:
+    base = dict(out=str(out), steps=4, batch_size=4, lr=1e-3, warmup_steps=2, block_out_channels=(8, 16, 16, 24),
+                cross_attention_dim=16, attention_heads=2, norm_num_groups=8, checkpoint_every=2, snapshot_every=2,
+                log_every=100, progress=False)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ idx
+def test_idx_round_trip_gz_and_raw(tmp_path):
+    array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    for name in ("a-ubyte", "a-ubyte.gz"):
+        assert np.array_equal(read_idx(write_idx(tmp_path / name, array)), array)
+
+
+def test_dataset_from_folder_or_images_path(idx_dir):
+    images, labels = load_idx_dataset(idx_dir, "train")
+    assert images.shape == (N_IMAGES, 28, 28) and images.dtype == torch.uint8
+    assert labels.tolist() == [i % 10 for i in range(N_IMAGES)]
+    img_path, lab_path = resolve_split(idx_dir / "t10k-images-idx3-ubyte.gz")
+    assert lab_path.name == "t10k-labels-idx1-ubyte.gz"
+    assert len(load_idx_dataset(img_path)[0]) == 4
+
+
+def test_model_range_pads_28_to_32_with_background():
+    images = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    x = to_model_range(images, 32)
+    assert x.shape == (1, 1, 32, 32)
+    assert torch.all(x[..., 2:30, 2:30] == 1) and x[..., 0, :].eq(-1).all() and x[..., :, 31].eq(-1).all()
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"\x00\x00\x08", "only 3 bytes"),
+    (b"\x12\x34\x08\x03" + b"\x00" * 12, "bad idx magic"),
+    (b"\x00\x00\x08\x03\x00\x00\x00\x02", "truncated header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x05" + b"\x01\x02", "truncated or corrupt"),
+])
+def test_bad_idx_files_raise_clear_errors(tmp_path, payload, message):
+    path = tmp_path / "bad-ubyte.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(payload)
+    with pytest.raises(DatasetError, match=message) as info:
+        read_idx(path)
+    assert str(path) in str(info.value) and isinstance(info.value, CleanDIFTError)
+
+
+def test_not_gzip_and_missing_files(tmp_path, idx_dir):
+    bad = tmp_path / "x-ubyte.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_idx(bad)
+    with pytest.raises(DatasetError, match="no such"):
+        read_idx(tmp_path / "missing-ubyte.gz")
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte"):
+        load_idx_dataset(tmp_path, "train")
+
+
+def test_image_label_count_mismatch(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((2,), np.uint8))
+    with pytest.raises(DatasetError, match="3 images but"):
+        load_idx_dataset(tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_few_steps_write_atomic_checkpoint_and_loss_csv(idx_dir, tmp_path):
+    trainer = open_run(_config(tmp_path / "run", data=str(idx_dir)), resume=False)
+    loss = trainer.run()
+    assert np.isfinite(loss) and trainer.step == 4
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {CHECKPOINT, "loss.csv", "config.json", "step_000002.pt", "step_000004.pt"} <= files
+    assert not any(name.endswith(".tmp") for name in files)
+    rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 4
+    backbone = load_checkpoint_backbone(tmp_path / "run")
+    assert backbone.pretrain_step == 4
+    ema = trainer.ema.shadow["unet.conv_in.weight"]
+    assert torch.equal(backbone.unet.conv_in.weight, ema)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(idx_dir, tmp_path):
+    straight = open_run(_config(tmp_path / "a", data=str(idx_dir)), resume=False)
+    straight.run()
+    first = open_run(_config(tmp_path / "b", data=str(idx_dir)), resume=False)
+    first.run(max_steps=2)  # checkpoints step 2
+    first.train_step()  # ... then "dies" during step 3: never checkpointed, its loss row never written
+    del first
+    resumed = open_run(_config(tmp_path / "b", data=str(idx_dir)), resume=True)
+    assert resumed.step == 2
+    resumed.run()
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    assert all(torch.equal(x, y) for x, y in zip(_opt_tensors(a), _opt_tensors(b)))
+    assert torch.equal(a["generator"], b["generator"])
+    losses = lambda run: [r.split(",")[:3] for r in (tmp_path / run / "loss.csv").read_text().splitlines()]  # noqa: E731
+    assert losses("a") == losses("b")
+
+
+def _opt_tensors(state: dict) -> list[torch.Tensor]:
+    return [v for s in state["optimizer"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def test_resume_refuses_changed_settings_and_new_run_refuses_existing(idx_dir, tmp_path):
+    open_run(_config(tmp_path / "r", data=str(idx_dir), steps=2), resume=False).run()
+    with pytest.raises(ConfigError, match="lr"):
+        open_run(_config(tmp_path / "r", data=str(idx_dir), steps=2, lr=5e-4), resume=True)
+    with pytest.raises(ConfigError, match="--resume"):
+        open_run(_config(tmp_path / "r", data=str(idx_dir), steps=2), resume=False)
+    resumed = open_run(_config(tmp_path / "r", data=str(idx_dir), steps=2, threads=2), resume=True)
+    assert resumed.step == 2 and resumed.config.threads == 2
+
+
+def test_cli_trains_resumes_and_exports(idx_dir, tmp_path, capsys):
+    from cleandift.backbones.pixel import load_pixel_backbone
+    from cleandift.cli.main import main
+
+    out, export = tmp_path / "cli", tmp_path / "export"
+    common = ["pretrain-mini", "--data", str(idx_dir), "--out", str(out), "--steps", "3", "--batch-size", "4",
+              "--channels", "8,16,16,24", "--checkpoint-every", "2", "--no-progress", "--warmup-steps", "1"]
+    assert main(common + ["--max-steps", "2"]) == 0
+    assert main(common + ["--resume", "--export", str(export), "--card-samples", "1", "--sample-steps", "2"]) == 0
+    assert "exported" in capsys.readouterr().out
+    backbone = load_pixel_backbone(export)
+    assert backbone.unet.dtype == torch.float32  # loaded in the caller's dtype
+    card = (export / "MODEL_CARD.md").read_text()
+    assert "3 steps" in card and "| `us10` | `up_blocks.3.resnets.0` |" in card
+    assert (export / "samples.png").is_file() and (export / "loss_curve.png").is_file()
+    weights = export / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as fh:
+        assert all(fh.get_tensor(k).dtype == torch.float16 for k in fh.keys())
+    assert main(["pretrain-mini", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ probe
+def test_knn_top1_majority_vote():
+    from cleandift.pretrain.probe import knn_top1
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0], [1.0, 0.0]])
+    assert knn_top1(bank, labels, queries, torch.tensor([0, 1, 1]), k=2) == pytest.approx(2 / 3)
+
+
+def test_knn_probe_reports_pixels_and_every_tap(idx_dir):
+    from cleandift.backbones.pixel import build_pixel_backbone
+    from cleandift.pretrain.probe import knn_probe
+
+    backbone = build_pixel_backbone(_config("unused").unet_config())
+    images, labels = load_idx_dataset(idx_dir, "train")
+    x = to_model_range(images)
+    results = knn_probe(backbone, (x[:8], labels[:8]), (x[8:], labels[8:]), taps=["mid", "us6"], timesteps=(0, 261),
+                        k=3)
+    assert set(results) == {"pixels[0,1]", "pixels[-1,1]", "t=0/mid", "t=0/us6", "t=261/mid", "t=261/us6"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+
+
+def test_export_only_reads_a_run_without_touching_it(idx_dir, tmp_path):
+    from cleandift.backbones.pixel import load_pixel_backbone
+    from cleandift.cli.main import main
+
+    out = tmp_path / "ro"
+    open_run(_config(out, data=str(idx_dir), steps=2), resume=False).run()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["pretrain-mini", "--out", str(out), "--export-only", "--export", str(tmp_path / "e"),
+                 "--card-samples", "1", "--sample-steps", "1"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert load_pixel_backbone(tmp_path / "e").taps.names[0] == "mid"
+    assert json.loads((tmp_path / "e" / "pixel_backbone.json").read_text())["pretrain_step"] == 2
+    assert (tmp_path / "e" / "checksum.json").is_file()
