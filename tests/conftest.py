@@ -20,6 +20,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# The tiny test models are dispatch-bound: extra intra-op threads only add contention (up to 10x slower
+# on a loaded 2-core machine) and make float reductions depend on the thread count.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

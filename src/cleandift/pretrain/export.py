@@ -7,12 +7,10 @@ grid of class-conditional samples (PNG), and the tap table (names, modules, chan
 from __future__ import annotations
 
 import csv
-import hashlib
+import json
 from pathlib import Path
 
 import torch
-
-import json
 
 from ..backbones.pixel import CHECKSUM_FILE, PixelDiffusionBackbone, load_pixel_backbone, reference_checksum
 from .sampling import image_grid, sample_images
@@ -88,12 +86,6 @@ def tap_table_markdown(backbone: PixelDiffusionBackbone) -> str:
     return "\n".join(lines)
 
 
-def folder_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every shipped file (recorded in the card so a changed file is noticed)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in {".safetensors", ".json"}}
-
-
 def export_run(trainer: Pretrainer | RunSnapshot, folder: Path, samples_per_class: int = 8, sample_steps: int = 50,
                knn: dict | None = None) -> Path:
     """Write the EMA model (fp16) to ``folder`` with loss curve, sample grid and ``MODEL_CARD.md``."""
@@ -107,9 +99,28 @@ def export_run(trainer: Pretrainer | RunSnapshot, folder: Path, samples_per_clas
         plot_loss(steps, losses, folder / "loss_curve.png")
     save_sample_grid(backbone, folder / "samples.png", per_class=samples_per_class, steps=sample_steps)
     final = sum(losses[-200:]) / len(losses[-200:]) if losses else float("nan")
+    if knn is None:
+        knn = latest_probe(Path(trainer.out) / "knn_probe.jsonl", trainer.step)
     (folder / CARD).write_text(model_card(backbone, trainer, final, knn, sample_steps), encoding="utf-8")
     record_checksum(folder)
     return folder
+
+
+def latest_probe(path: Path, step: int) -> dict | None:
+    """The kNN probe of ``step`` with the largest bank from ``knn_probe.jsonl`` (written by the benchmark)."""
+    if not path.is_file():
+        return None
+    best = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step") == step and (best is None or entry.get("bank", 0) >= best.get("bank", 0)):
+            best = entry
+    if best is None:
+        return None
+    return {"bank / queries": f"{best['bank']} / {best['queries']}", **best["results"]}
 
 
 def record_checksum(folder: Path) -> dict:
@@ -170,6 +181,6 @@ def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer | RunSnapsh
     if knn:
         lines += ["## kNN probe (k=10, cosine, pooled features, null prompt)", "",
                   "| features | top-1 |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in knn.items()]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in knn.items()]
         lines.append("")
     return "\n".join(lines)
