@@ -25,9 +25,13 @@ Presets (sources: anchors §3-§5, §12c, §12f):
     reproduction. Built by :mod:`cleandift.eval.fusion`.
 ``tlfr-zero-shot`` / ``cleandift-tlfr-zero-shot``
     Telling Left from Right, zero-shot: SD 1.5 at 960 px padded, taps ``us2, us5, us8``, t = 50
-    (CleanDIFT: clean, 261), FreeU off, DINOv2 ViT-B/14 at 840 px; per-part L2 normalisation,
-    adaptive flip; window soft-argmax (+-5 cells, temperature 0.02) over patch centres, ``<``.
-    Built by :mod:`cleandift.eval.fusion`.
+    (CleanDIFT: clean, 261), FreeU off, DINOv2 ViT-B/14 at 840 px; per-part L2 normalisation;
+    window soft-argmax (+-5 cells, temperature 0.02) over patch centres, ``<``. Built by
+    :mod:`cleandift.eval.fusion`. TLFR's adaptive flip test needs SPair's per-category table of
+    left/right keypoint pairs, which cleandift does not ship (the only public copy is in a repository
+    without a licence): it is **off** here; switch it on with
+    ``--fusion adaptive_flip=true --fusion flip_permutations=FLIP.json`` (format in
+    :func:`cleandift.eval.fusion.load_flip_permutations`).
 
 The CleanDIFT paper reports per-keypoint PCK; both aggregations and both thresholds (where the
 dataset has boxes) are always reported anyway.
@@ -135,7 +139,7 @@ _TLFR = dict(descriptor="tlfr", model="sd15", mode="noisy", t=50, ensemble=1, no
              prompt="A photo of a {category}", seed=42, method="soft-argmax", grid="cells", source="cell",
              window=5, temperature=0.02, comparison="<",
              fusion=dict(dinov2="facebook/dinov2-base", dino_size=840, dino_layer=11, facet="token",
-                         adaptive_flip=True, freeu=False))
+                         adaptive_flip=False, freeu=False))
 _CLEAN = dict(mode="clean", clean_timestep=261.0, ensemble=1, sample_posterior=False)
 
 PRESETS: dict[str, dict[str, Any]] = {
