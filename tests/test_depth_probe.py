@@ -81,15 +81,6 @@ def nyu(tmp_path_factory):
     return write_nyu_mat(folder, imgs, deps, range(1, 9), range(9, 13)), imgs, deps
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- readers
 def test_nyu_mat_reader_undoes_matlab_transpose(nyu):
     path, imgs, deps = nyu

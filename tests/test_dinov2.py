@@ -11,16 +11,6 @@ from cleandift.eval.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2Features, l
 PATCH = 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP
-    spin-waiting makes them 10-30x slower; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model

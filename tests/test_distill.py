@@ -15,14 +15,6 @@ from cleandift.heads import HeadConfig, ProjectionHeads
 from cleandift.timesteps import bin_edges
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def images():
     g = torch.Generator().manual_seed(3)

@@ -26,16 +26,6 @@ SD_CH = 64 * 3  # tiny model: us8 / us5 / us2 have 64 channels each
 DINO_CH = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP
-    spin-waiting makes them 10-30x slower; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model

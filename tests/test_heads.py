@@ -25,14 +25,6 @@ from cleandift.heads import (
 SD_CHANNELS = {"mid": 1280, **{f"us{i}": 1280 for i in range(1, 7)}, "us7": 640, "us8": 640, "us9": 640, "us10": 320}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -18,15 +18,6 @@ from cleandift.eval.probe_common import FeatureSpec
 COLOURS = {"apple": (200, 30, 30), "sky": (30, 60, 210), "grass": (40, 190, 50)}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PoolExtractor:
     def __call__(self, images, prompts=None, taps=None):
         return {"f": F.avg_pool2d(images, 8)}

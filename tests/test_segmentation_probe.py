@@ -71,15 +71,6 @@ def voc(tmp_path_factory):
     return write_voc(tmp_path_factory.mktemp("voc"), {"train": 10, "val": 4})
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- reader
 def test_reader_finds_root_and_reads_palette_labels(voc):
     for root in (voc, voc.parent, voc.parent.parent):

@@ -13,15 +13,6 @@ from cleandift.analysis.sweep import SweepResult, SweepRow, TaskScorer, make_tas
 from cleandift.extract import CleanExtractor, NoisyExtractor
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_image_folder(root, splits=("train", "val"), classes=((200, 30, 30), (30, 60, 210)), seed=0):
     rng = np.random.default_rng(seed)
     for split in splits:

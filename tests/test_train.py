@@ -15,14 +15,6 @@ from cleandift.train.config import PRESETS, TrainConfig, coerce, resolve_config
 from cleandift.train.data import ImageFolder, ImageRecord, StreamBatchSampler, prepare_datasets, scan_folder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_images(folder, n: int, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -15,15 +15,6 @@ from cleandift.analysis.variance import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: one thread avoids thread-pool overhead on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _total(f) -> float:
     return f.eps + f.x0 + f.remaining
 

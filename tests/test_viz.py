@@ -21,16 +21,6 @@ from cleandift.viz.pca import pca_rgb, save_pca_png, save_rgb_png
 from cleandift.viz.plots import plot_pck_curves, plot_series
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP
-    spin-waiting makes them 10-30x slower; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _png(path, size):
     with Image.open(path) as im:
         assert im.format == "PNG"

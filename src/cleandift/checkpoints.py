@@ -158,23 +158,43 @@ def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoin
     return student, ckpt
 
 
+@dataclass
+class StateDiff:
+    """How a state dict differs from a module's: the basis of every "does not fit" message."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple, tuple]]  # (key, checkpoint shape, model shape)
+
+    @classmethod
+    def between(cls, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> "StateDiff":
+        common = sorted(set(expected) & set(state))
+        return cls(sorted(set(expected) - set(state)), sorted(set(state) - set(expected)),
+                   [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in common
+                    if tuple(state[k].shape) != tuple(expected[k].shape)])
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(f"  {len(self.missing)} missing key(s), e.g. {', '.join(self.missing[:3])}")
+        if self.unexpected:
+            out.append(f"  {len(self.unexpected)} unexpected key(s), e.g. {', '.join(self.unexpected[:3])}")
+        if self.wrong_shape:
+            k, got, want = self.wrong_shape[0]
+            out.append(f"  {len(self.wrong_shape)} shape mismatch(es), e.g. {k}: checkpoint {got} vs model {want}")
+        return out
+
+
 def check_fits(unet: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state`` has exactly ``unet``'s keys and shapes."""
     expected = unet.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in sorted(set(expected) & set(state))
-                   if state[k].shape != expected[k].shape]
-    if not (missing or unexpected or wrong_shape):
+    diff = StateDiff.between(expected, state)
+    if not diff:
         return
-    lines = [f"{source}: the checkpoint does not fit this backbone's U-Net"]
-    if missing:
-        lines.append(f"  {len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-    if wrong_shape:
-        k, got, want = wrong_shape[0]
-        lines.append(f"  {len(wrong_shape)} shape mismatch(es), e.g. {k}: checkpoint {got} vs model {want}")
+    lines = [f"{source}: the checkpoint does not fit this backbone's U-Net", *diff.lines()]
     hint = _family_hint(state, expected)
     if hint:
         lines.append(f"  likely fix: {hint}")

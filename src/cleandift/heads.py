@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import StateDiff
 from .errors import CheckpointMismatchError, ConfigError
 
 HeadNorm = Literal["adarms", "film"]
@@ -289,22 +290,11 @@ class ProjectionHeads(nn.Module):
 
 def check_head_state(heads: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state`` has exactly the heads' keys and shapes."""
-    expected = heads.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in sorted(set(expected) & set(state))
-             if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or wrong):
+    diff = StateDiff.between(heads.state_dict(), dict(state))
+    if not diff:
         return
-    lines = [f"{source}: the projection heads in the checkpoint do not fit the configured heads"]
-    if missing:
-        lines.append(f"  {len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-    if wrong:
-        k, got, want = wrong[0]
-        lines.append(f"  {len(wrong)} shape mismatch(es), e.g. {k}: checkpoint {got} vs model {want}")
-    lines.append(f"  likely fix: {_head_hint(state, missing, unexpected, wrong)}")
+    lines = [f"{source}: the projection heads in the checkpoint do not fit the configured heads", *diff.lines()]
+    lines.append(f"  likely fix: {_head_hint(state, diff.missing, diff.unexpected, diff.wrong_shape)}")
     raise CheckpointMismatchError("\n".join(lines))
 
 
