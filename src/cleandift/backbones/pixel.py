@@ -217,19 +217,28 @@ class PixelDiffusionBackbone(DiffusionBackbone):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for sub, module in (("unet", self.unet), ("label_encoder", self.label_encoder)):
-            original = module.dtype
+            module.save_pretrained(str(folder / sub), safe_serialization=True)
             if dtype is not None:
-                module.to(dtype)
-            try:
-                module.save_pretrained(str(folder / sub), safe_serialization=True)
-            finally:
-                module.to(original)
+                _cast_safetensors(folder / sub, dtype)
         self.scheduler.save_pretrained(str(folder / "scheduler"))
         meta = {"format": "cleandift-pixel-backbone", "version": 1, "name": self.name,
                 "class_names": list(self.class_names), "resolution": self.resolution,
                 "image_channels": self.image_channels, **(extra or {})}
         (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return folder
+
+
+def _cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite the floating-point tensors of a ``save_pretrained`` folder in ``dtype`` (e.g. fp16 to ship).
+
+    Casting the file rather than the live module leaves the caller's model untouched and avoids
+    diffusers' warnings about casting loaded modules with ``.to()``.
+    """
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    for path in folder.glob("*.safetensors"):
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def build_pixel_backbone(unet_config: dict | None = None, class_names: Sequence[str] = FASHION_MNIST_CLASSES,

@@ -106,6 +106,22 @@ def export_run(trainer: Pretrainer | RunSnapshot, folder: Path, samples_per_clas
     return folder
 
 
+def knn_markdown(knn: dict) -> str:
+    """Probe results as a table: one row per timestep, one column per tap, pixel baselines below."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in knn.items():
+        if key.startswith("t=") and "/" in key:
+            t, tap = key.split("/", 1)
+            rows.setdefault(t, {})[tap] = value
+    taps = list(dict.fromkeys(tap for row in rows.values() for tap in row))
+    lines = ["| features | " + " | ".join(taps) + " |", "|---" * (len(taps) + 1) + "|"]
+    for t, row in rows.items():
+        lines.append(f"| {t} | " + " | ".join(f"{row[tap]:.3f}" if tap in row else "" for tap in taps) + " |")
+    extras = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in knn.items() if "/" not in k
+              or not k.startswith("t=")]
+    return "\n".join(lines) + "\n\n" + "; ".join(extras) + "."
+
+
 def latest_probe(path: Path, step: int) -> dict | None:
     """The kNN probe of ``step`` with the largest bank from ``knn_probe.jsonl`` (written by the benchmark)."""
     if not path.is_file():
@@ -179,8 +195,5 @@ def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer | RunSnapsh
         "",
     ]
     if knn:
-        lines += ["## kNN probe (k=10, cosine, pooled features, null prompt)", "",
-                  "| features | top-1 |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in knn.items()]
-        lines.append("")
+        lines += ["## kNN probe (k=10, cosine, globally pooled features, null prompt)", "", knn_markdown(knn), ""]
     return "\n".join(lines)
