@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--teacher-dtype", choices=sorted(DTYPES), default="fp32",
                         help="teacher precision for `ours`; the one teacher is cast back to fp32 (untimed) before "
-                             "every `reference` step, so no second copy is held")
+                             "every `reference` step, so no second copy is held. CAUTION (seen at sd15 size): the "
+                             "per-step casts make oneDNN rebuild its kernels every step, which dominates the step "
+                             "time; at real sizes compare with fp32 for both or run the cases in separate processes")
     parser.add_argument("--optimizer", choices=("adam", "adam-fused"), default="adam",
                         help="the same optimizer for both cases (fused: torch's fused Adam kernel)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for `ours` only")

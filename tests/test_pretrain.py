@@ -222,3 +222,11 @@ def test_export_only_reads_a_run_without_touching_it(idx_dir, tmp_path):
     assert load_pixel_backbone(tmp_path / "e").taps.names[0] == "mid"
     assert json.loads((tmp_path / "e" / "pixel_backbone.json").read_text())["pretrain_step"] == 2
     assert (tmp_path / "e" / "checksum.json").is_file()
+
+
+def test_stop_request_checkpoints_the_current_step(idx_dir, tmp_path):
+    trainer = open_run(_config(tmp_path / "s", data=str(idx_dir), steps=4, checkpoint_every=100), resume=False)
+    trainer.stop_requested = True  # what the CLI's SIGTERM handler does
+    trainer.run()
+    assert trainer.step == 1
+    assert open_run(_config(tmp_path / "s", data=str(idx_dir), steps=4, checkpoint_every=100), resume=True).step == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -57,6 +58,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_sigterm(trainer):
+    """SIGTERM finishes the current step, checkpoints and exits (no work lost); returns the old handler."""
+
+    def handler(_signum, _frame) -> None:
+        trainer.stop_requested = True
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _config(args: argparse.Namespace):
     from ..pretrain.train import PretrainConfig  # noqa: PLC0415
 
@@ -90,7 +100,14 @@ def run(args: argparse.Namespace) -> int:
              trainer.config.batch_size, torch.get_num_threads(),
              f"{sum(p.numel() for p in trainer.model.unet.parameters()):,}")
     if trainer.step < trainer.config.steps:
-        trainer.run(max_steps=args.max_steps)
+        previous = _stop_on_sigterm(trainer)
+        try:
+            trainer.run(max_steps=args.max_steps)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if trainer.stop_requested:
+            print(f"stopped by SIGTERM at step {trainer.step} (checkpointed); continue with --resume")
+            return 143
     if args.export:
         from ..pretrain.export import export_run  # noqa: PLC0415
 

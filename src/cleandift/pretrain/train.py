@@ -195,6 +195,7 @@ class Pretrainer:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.last_lr = config.lr
+        self.stop_requested = False  # set by a SIGTERM handler: checkpoint after this step and return
         self._pending: list[tuple[int, float, float, float]] = []
 
     # ------------------------------------------------------------------ one step
@@ -297,8 +298,11 @@ class Pretrainer:
                 log.info("step %d/%d  loss %.4f (mean of last %d)  lr %.2e  %.3f steps/s", self.step, cfg.steps,
                          sum(window) / len(window), len(window), self.lr_schedule.get_last_lr()[0], rate)
                 window.clear()
-            if self.step % cfg.checkpoint_every == 0 or self.step == target:
+            if self.step % cfg.checkpoint_every == 0 or self.step == target or self.stop_requested:
                 self.save_checkpoint()
+            if self.stop_requested:
+                log.info("stop requested: checkpointed step %d, resume with --resume", self.step)
+                break
         if bar is not None:
             bar.close()
         return last
