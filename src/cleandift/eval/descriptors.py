@@ -179,7 +179,7 @@ class DiffusionDescriptor:
     def __call__(self, images: torch.Tensor, prompts: PromptArg = None) -> torch.Tensor:
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        per_image = _split_prompts(prompts, images.shape[0])
+        per_image = split_prompts(prompts, images.shape[0])
         out = []
         for image, prompt in zip(images, per_image):  # one generator per image => order independent
             generator = torch.Generator(device="cpu").manual_seed(image_seed(image, self.seed))
@@ -197,7 +197,8 @@ class DiffusionDescriptor:
                 "extractor": info}
 
 
-def _split_prompts(prompts: PromptArg, batch_size: int) -> list[str | None]:
+def split_prompts(prompts: PromptArg, batch_size: int) -> list[str | None]:
+    """One prompt per image from ``None``, a shared string or a per-image list (length checked)."""
     if prompts is None or isinstance(prompts, str):
         return [prompts] * batch_size
     prompts = list(prompts)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..images import ResizeTransform
 from .cache import weights_fingerprint
-from .descriptors import PairContext, PromptArg, flip_points, image_seed
+from .descriptors import PairContext, PromptArg, flip_points, image_seed, split_prompts
 from .dinov2 import DEFAULT_DINOV2, SD_DINO_IMAGE_SIZE, SD_DINO_LAYER, Dinov2Features, load_dinov2
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,6 @@ def _finest_first(extractor, taps: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(taps, key=lambda name: table[name].stride))
 
 
-def _split_prompts(prompts: PromptArg, batch_size: int) -> list[str | None]:
-    if prompts is None or isinstance(prompts, str):
-        return [prompts] * batch_size
-    prompts = list(prompts)
-    if len(prompts) != batch_size:
-        raise ValueError(f"got {len(prompts)} prompts for {batch_size} images")
-    return prompts
-
-
 # ---------------------------------------------------------------------------------------------- descriptors
 class Dinov2Descriptor:
     """DINOv2-only baseline: L2-normalised patch tokens ``(B, C, h, w)`` (issue D4).
@@ -288,7 +279,7 @@ class _SDDinoBase:
         device = getattr(getattr(self.extractor, "backbone", None), "device", frame.device)
         shared = getattr(self.extractor, "noise_mode", None) == "shared"
         out: list[list[torch.Tensor]] = [[] for _ in self.taps]
-        for image, prompt in zip(frame, _split_prompts(prompts, frame.shape[0])):
+        for image, prompt in zip(frame, split_prompts(prompts, frame.shape[0])):
             seed = self.seed if shared else image_seed(image, self.seed)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             feats = self.extractor(image[None].to(device), prompts=prompt, taps=list(self.taps), generator=generator)
