@@ -30,16 +30,6 @@ from cleandift.taps import REFERENCE_TAPS
 TINY = dict(block_out_channels=(8, 16, 16, 24), cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these tiny models gain nothing from two, and two OpenMP threads on a busy 2-core
-    machine spin-wait (the resume test took 34 s instead of a few)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pixel_backbone() -> PixelDiffusionBackbone:
     return build_pixel_backbone(mini_unet_config(**TINY), seed=0)

@@ -16,16 +16,6 @@ from cleandift.pretrain.train import CHECKPOINT, PretrainConfig, load_checkpoint
 N_IMAGES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these tiny models gain nothing from two, and two OpenMP threads on a busy 2-core
-    machine spin-wait (the resume test took 34 s instead of a few)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
     """Tiny Fashion-MNIST look-alike in the real idx.gz format: bright squares whose size encodes the label."""
