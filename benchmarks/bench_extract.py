@@ -100,24 +100,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="1,4,8")
     parser.add_argument("--throughput-images", type=int, default=8)
-    parser.add_argument("--throughput-dtype", default="bf16")
+    parser.add_argument("--throughput-dtype", default="fp32",
+                        help="bf16 only where the CPU has native bf16 (torch.backends.cpu.get_cpu_capability())")
+    parser.add_argument("--throughput-warmup", type=int, default=1)
+    parser.add_argument("--throughput-repeats", type=int, default=3)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
 
     lines = [f"## extract — {args.arch}, {args.size} px, tap {args.tap}, {date.today()}", "",
-             f"{environment_line()}; warm-up {args.warmup}, repeats {args.repeats} (interleaved); seconds per image.",
+             f"{environment_line()}, CPU capability {torch.backends.cpu.get_cpu_capability()}; warm-up {args.warmup}, repeats {args.repeats} (interleaved); seconds per image.",
              "", "| dtype | case | median s | min s | / clean | all runs (s) |", "|---|---|---|---|---|---|"]
     for dtype_name in args.dtypes.split(","):
         lines += bench_dtype(args.arch, args.size, dtype_name, args.tap, args.warmup, args.repeats)
         print("\n".join(lines), flush=True)
     if not args.skip_throughput:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        lines += ["", f"Throughput of `clean` over {args.throughput_images} images:", "",
+        lines += ["", f"Throughput of `clean` over {args.throughput_images} images (warm-up {args.throughput_warmup}, "
+                      f"repeats {args.throughput_repeats}):", "",
                   "| dtype | batch size | images/s (median) | images/s (best) |", "|---|---|---|---|"]
         lines += bench_throughput(args.arch, args.size, args.throughput_dtype, args.tap, sizes,
-                                  args.throughput_images, args.warmup, args.repeats)
+                                  args.throughput_images, args.throughput_warmup, args.throughput_repeats)
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out or Path(__file__).parent / "results" / f"extract-{args.arch}-{args.size}.md")

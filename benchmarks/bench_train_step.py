@@ -87,6 +87,34 @@ def reference_loss(aligner: FeatureAligner, teacher, images: torch.Tensor,
     return alignment_loss(pred, target)[0]
 
 
+def breakdown(aligner: FeatureAligner, optimizer, images: torch.Tensor, rounds: int = 2) -> list[str]:
+    """Seconds of each part of one ``ours`` step (the last of ``rounds``; the first pays one-off allocations)."""
+    b, i = images.shape[0], aligner.num_timesteps
+    parts: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        parts[name] = time.perf_counter() - t0
+        return out
+
+    for r in range(rounds):
+        g = torch.Generator().manual_seed(r)
+        x0 = timed(f"VAE encode ({b} images)", lambda: aligner.encode(images, g))
+        cond = aligner.backbone.encode_prompts(None, b)
+        t = aligner.sample_timesteps(b, g, x0.device).reshape(-1)
+        eps = torch.randn((b * i, *x0.shape[1:]), generator=g)
+        target = timed(f"teacher ({b * i} noisy latents, early stop)", lambda: aligner.teacher_features(x0, eps, t, cond))
+        feats = timed(f"student forward ({b} clean latents)", lambda: aligner.student_features(x0, cond))
+        pred = timed("heads forward", lambda: aligner.project(feats, t))
+        loss = timed("loss", lambda: alignment_loss(pred, target)[0])
+        timed("backward (student + heads)", loss.backward)
+        timed("optimizer step", optimizer.step)
+        optimizer.zero_grad(set_to_none=True)
+    rows = [f"| {name} | {sec:.2f} |" for name, sec in parts.items()]
+    return ["| part of one `ours` step | seconds |", "|---|---|", *rows, f"| **total** | **{sum(parts.values()):.2f}** |"]
+
+
 def make_step(loss_fn, optimizer):
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -137,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default="ours,reference",
                         help="which cases to run (e.g. only `ours` where the reference does not fit in memory)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time the parts of one `ours` step (VAE, teacher, student, heads, backward, optimizer)")
     parser.add_argument("--out", default=None,
                         help="results file (default benchmarks/results/train_step-<arch>-<size>.md)")
     args = parser.parse_args(argv)
@@ -160,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     def reference():
         return reference_loss(aligner, teacher, images, torch.Generator().manual_seed(next(counter)))
 
+    if args.breakdown:
+        print("\n".join([environment_line(), "", *breakdown(aligner, optimizer, images)]))
+        return
     cases = {"ours": make_step(ours, optimizer), "reference": make_step(reference, optimizer)}
     cases = {name: cases[name] for name in args.cases.split(",")}
     prepare = {"ours": lambda: teacher.to(teacher_dtype), "reference": lambda: teacher.to(torch.float32)}

@@ -1,9 +1,10 @@
 """``cleandift demo``: the built-in default job, fully offline.
 
-When the bundled pixel-space model (``mini``) is shipped, the demo runs on it. Until then it runs the
-whole extraction pipeline on a tiny Stable-Diffusion-architecture model with *random* weights: this
-shows that loading, clean and noisy extraction, early exit and figures work end to end, and how the
-costs compare, but its features carry no meaning.
+When the bundled pixel-space model (``mini``) is shipped -- or ``--model`` names a pixel model folder --
+the demo runs on it (:mod:`cleandift.mini_demo`). Otherwise it runs the extraction pipeline on a tiny
+Stable-Diffusion-architecture model with *random* weights: this shows that loading, clean and noisy
+extraction, early exit and figures work end to end, and how the costs compare, but its features carry
+no meaning.
 """
 
 from __future__ import annotations
@@ -64,15 +65,20 @@ def run_random_demo(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def run_demo(out_dir: str | Path = "cleandift-demo", seed: int = 0) -> Path:
-    """Run the best demo available in this installation and return its output folder."""
+def run_demo(out_dir: str | Path = "cleandift-demo", seed: int = 0, model: str | None = None,
+             student: str | None = None, distill_steps: int = 40, bank: int = 2000, queries: int = 500) -> Path:
+    """Run the best demo available and return its output folder.
+
+    With a pixel-space model (``model``: an exported ``pretrain-mini`` folder, or the bundled ``mini``
+    when this install ships it) the full demo runs (:mod:`cleandift.mini_demo`); otherwise the plumbing
+    demo on a random tiny SD-architecture model.
+    """
+    from .backbones.pixel import bundled_mini_available  # noqa: PLC0415
+
     out_dir = Path(out_dir)
-    try:
-        from .backbones.pixel import bundled_mini_available  # noqa: PLC0415
-    except ImportError:
-        bundled_mini_available = None
-    if bundled_mini_available is not None and bundled_mini_available():
+    if model is not None or bundled_mini_available():
         from .mini_demo import run_mini_demo  # noqa: PLC0415
 
-        return run_mini_demo(out_dir, seed=seed)
+        return run_mini_demo(out_dir, seed=seed, model=model, student=student, distill_steps=distill_steps,
+                             bank=bank, queries=queries)
     return run_random_demo(out_dir, seed=seed)

@@ -79,6 +79,10 @@ def _load_source(source: str, dtype: torch.dtype, resolution: int | None, local_
             raise BackboneNotFoundError(f"{path}: not a checkpoint (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
         return _load_single_file(path, dtype, resolution, local_files_only, single_file_config)
     if path.is_dir():
+        from .pixel import is_pixel_backbone_folder, load_pixel_backbone  # noqa: PLC0415
+
+        if is_pixel_backbone_folder(path):
+            return load_pixel_backbone(path, dtype=dtype)
         if not (path / "unet").is_dir():
             raise BackboneNotFoundError(
                 f"{path}: not a diffusers pipeline folder (no 'unet' subfolder); expected "

@@ -67,6 +67,8 @@ MINI_TAP_TABLE: dict[str, tuple[str, int, int]] = {
 
 METADATA_FILE = "pixel_backbone.json"
 BUNDLED_MINI_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
+#: The CleanDIFT student of the bundled model (``unet/`` + ``cleandift.json``, as ``cleandift train`` exports).
+BUNDLED_MINI_STUDENT_DIR = BUNDLED_MINI_DIR / "cleandift"
 
 _PROMPT_PREFIX = re.compile(r"^(a|an)\s+(photo|picture|image)\s+of\s+(a|an|the)\s+")
 
@@ -195,7 +197,12 @@ class PixelDiffusionBackbone(DiffusionBackbone):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample_posterior: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Identity "VAE": pixels in ``[-1, 1]`` are the U-Net input (deterministic, so no posterior)."""
+        """Identity "VAE": pixels in ``[-1, 1]`` are the U-Net input (deterministic, so no posterior).
+
+        RGB batches are averaged to gray for a 1-channel model (what image folders give the trainer).
+        """
+        if images.shape[1] == 3 and self.image_channels == 1:
+            images = images.mean(dim=1, keepdim=True)
         if images.shape[1] != self.image_channels:
             raise ValueError(f"images have {images.shape[1]} channels, the pixel model expects {self.image_channels}")
         return images.to(device=self.device, dtype=self.dtype)
@@ -270,6 +277,16 @@ def load_pixel_backbone(folder: str | Path, device: torch.device | str | None = 
     backbone = PixelDiffusionBackbone(unet, label_encoder, scheduler, meta["class_names"],
                                       resolution=int(meta["resolution"]), name=name or meta.get("name", "pixel"))
     return backbone.to(device=device or "cpu", dtype=dtype)
+
+
+def is_pixel_backbone_folder(folder: str | Path) -> bool:
+    """True for a folder written by :meth:`PixelDiffusionBackbone.save` (it has ``pixel_backbone.json``)."""
+    return (Path(folder) / METADATA_FILE).is_file()
+
+
+def bundled_mini_available() -> bool:
+    """Whether this install ships the trained ``mini`` model (and its student)."""
+    return is_pixel_backbone_folder(BUNDLED_MINI_DIR) and (BUNDLED_MINI_STUDENT_DIR / "unet").is_dir()
 
 
 def load_bundled_mini(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -133,3 +134,59 @@ def to_model_range(images: torch.Tensor, size: int = 32) -> torch.Tensor:
         ph, pw = (size - h) // 2, (size - w) // 2
         return torch.nn.functional.pad(x, (pw, pw, ph, ph), value=-1.0)
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def write_png_folder(data: str | Path, out: str | Path, split: str = "train", limit: int | None = None,
+                     size: int = 32, by_class: Sequence[str] | None = None) -> Path:
+    """Write a split as ``size``-px grayscale PNGs (padded exactly like :func:`to_model_range`).
+
+    The distillation trainer reads image folders; writing the padded 32x32 images (rather than letting
+    the trainer resize 28x28 ones) keeps the student's inputs pixel-identical to what pretraining saw.
+    ``by_class`` (class names in label order) puts each image in a ``<class>/`` subfolder, the
+    ``ImageFolder`` layout of the kNN evaluation. Existing files are overwritten.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    images, labels = load_idx_dataset(data, split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = to_model_range(images, size).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(x, labels.tolist())):
+        folder = out / _safe_name(by_class[label]) if by_class else out
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(img[0].numpy()).save(folder / f"{split}_{i:05d}.png")
+    return out
+
+
+def _safe_name(name: str) -> str:
+    return name.replace("/", "-").replace(" ", "_")
+
+
+#: The Fashion-MNIST subset shipped inside the package for the offline demo (class-balanced, see
+#: :func:`write_balanced_subset`): ``per_class`` train / test images per class.
+BUNDLED_SUBSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fashion-mnist"
+BUNDLED_SUBSET_SIZES = {"train": 200, "test": 50}
+
+
+def balanced_indices(labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """The first ``per_class`` indices of every class, in dataset order (deterministic, no RNG)."""
+    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique().tolist()]
+    short = [int(p.numel()) for p in picks if p.numel() < per_class]
+    if short:
+        raise DatasetError(f"a class has only {min(short)} images, fewer than per_class={per_class}")
+    return torch.cat(picks).sort().values
+
+
+def write_balanced_subset(data: str | Path, out: str | Path, sizes: dict[str, int] | None = None) -> Path:
+    """Write class-balanced idx.gz subsets of the splits (how the bundled demo data was made)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (sizes or BUNDLED_SUBSET_SIZES).items():
+        images, labels = load_idx_dataset(data, split)
+        keep = balanced_indices(labels, per_class)
+        img_name, lab_name = SPLIT_FILES[split]
+        write_idx(out / f"{img_name}.gz", images[keep].numpy())
+        write_idx(out / f"{lab_name}.gz", labels[keep].to(torch.uint8).numpy())
+    return out

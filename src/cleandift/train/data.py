@@ -7,6 +7,9 @@
 * Bad files never stop a run: headers are checked up front (:func:`check_images`) and a file that
   still fails to decode is replaced by the next readable image in the stream; both kinds are
   reported with a warning and counted in the logs.
+* MNIST-style idx files (e.g. Fashion-MNIST for the offline ``mini`` model) are accepted too: a folder
+  holding ``train-images-idx3-ubyte[.gz]`` or the images file itself (:class:`IdxImages`); images are
+  padded / resized exactly as in pretraining.
 * Order: an endless stream of seeded per-epoch permutations. Its only state is the number of batches
   consumed, so a resumed run continues with exactly the batches an uninterrupted one would see.
 """
@@ -144,6 +147,60 @@ class ImageFolder(Dataset):
                            f"first error: {skipped[0][0]}: {skipped[0][1]}")
 
 
+class IdxImages(Dataset):
+    """Training images from MNIST-style idx data, prepared like ``cleandift pretrain-mini`` does.
+
+    Items have the :class:`ImageFolder` layout; the gray image is repeated to 3 channels (pixel models
+    average it back; an SD model would see a gray photo). ``path`` is ``"<idx file>#<index>"``.
+    """
+
+    def __init__(self, images: torch.Tensor, indices: Sequence[int], size: int, source: str, prompt: str = "") -> None:
+        if len(indices) == 0:
+            raise DatasetError(f"{source}: no training images")
+        self.images = images
+        self.indices = list(indices)
+        self.size = int(size)
+        self.source = source
+        self.prompt = prompt
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        from ..pretrain.idx import to_model_range  # noqa: PLC0415
+
+        i = self.indices[index]
+        image = to_model_range(self.images[i:i + 1], self.size)[0].expand(3, -1, -1).contiguous()
+        return {"image": image, "caption": self.prompt, "path": f"{self.source}#{i}", "skipped": []}
+
+
+def idx_source(data: str | Path) -> Path | None:
+    """The images idx file of the training split if ``data`` is idx data, else ``None``."""
+    from ..pretrain.idx import resolve_split  # noqa: PLC0415
+
+    path = Path(data).expanduser()
+    if path.is_dir() and any(path.glob("*.png")) or not path.exists():
+        return None
+    try:
+        return resolve_split(path, "train")[0]
+    except DatasetError:
+        return None
+
+
+def prepare_idx_datasets(images_file: Path, size: int, val_images: int, prompt: str, seed: int
+                         ) -> tuple[IdxImages, IdxImages | None]:
+    from ..pretrain.idx import load_idx_dataset  # noqa: PLC0415
+
+    images, _ = load_idx_dataset(images_file, "train")
+    n_val = min(val_images, len(images) // 4)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    val_idx = set(perm[:n_val])
+    train = [i for i in range(len(images)) if i not in val_idx]
+    val = sorted(val_idx)
+    train_set = IdxImages(images, train, size, str(images_file), prompt)
+    return train_set, IdxImages(images, val, size, str(images_file), prompt) if val else None
+
+
 def collate(items: list[dict]) -> dict:
     return {
         "images": torch.stack([it["image"] for it in items]),
@@ -212,6 +269,10 @@ def prepare_datasets(data: str | Path, size: int, *, val_data: str | Path | None
                      resize: str = "crop", captions: bool = True, prompt: str = "", seed: int = 0
                      ) -> tuple[ImageFolder, ImageFolder | None, list[tuple[str, str]]]:
     """Scan, check and split; returns ``(train, val or None, skipped files)``. No model is touched."""
+    images_file = idx_source(data) if val_data is None else None
+    if images_file is not None:
+        train, val = prepare_idx_datasets(images_file, size, val_images, prompt, seed)
+        return train, val, []
     records = scan_folder(data, captions)
     good, bad = check_images(records)
     if val_data is not None:

@@ -1,0 +1,124 @@
+"""Scoring feature methods side by side: kNN on pooled features and warp PCK, on small labelled images.
+
+The engine of the offline comparison (``benchmarks/mini_comparison.py``) and of ``cleandift demo``. A
+:class:`Method` is any feature extractor (noisy DIFT at some t, an ensemble, the frozen model on clean
+input, the CleanDIFT student) plus its cost in U-Net passes; :func:`score_method` gives its kNN top-1
+(globally average-pooled features, cosine, k = 10) and warp PCK@0.1 / @0.05 (:mod:`cleandift.eval.warp`)
+for every tap, and the seconds per image its query extraction took.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..extract import CleanExtractor, NoisyExtractor
+from ..pretrain.probe import knn_top1
+from .warp import WarpConfig, WarpPairs, make_warp_pairs, predict_matches, warp_pck
+
+FeatureFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # noisy | ensemble | naive-clean | clean-t0 | cleandift
+    passes: int  # U-Net passes per image
+    extract: FeatureFn
+    t: int | None = None
+
+
+@dataclass
+class EvalSet:
+    """One seed's data: a kNN bank, and queries that are also the sources of the warp pairs."""
+
+    seed: int
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+    pairs: WarpPairs
+    query_labels: torch.Tensor
+
+
+@dataclass
+class Scores:
+    knn: dict[str, float] = field(default_factory=dict)
+    pck10: dict[str, float] = field(default_factory=dict)
+    pck05: dict[str, float] = field(default_factory=dict)
+    seconds_per_image: float = float("nan")
+
+
+def make_methods(backbone, student, student_t: float, taps: list[str], ts: list[int], naive_t: int,
+                 chunk: int) -> dict[str, Method]:
+    def wrap(extractor) -> FeatureFn:
+        return lambda images, g: extractor(images, prompts=None, generator=g)
+
+    methods = {f"noisy t={t}": Method(f"noisy t={t}", "noisy", 1,
+                                      wrap(NoisyExtractor(backbone, t=t, ensemble=1, taps=taps, chunk_size=chunk)), t)
+               for t in ts}
+    methods[f"naive clean t={naive_t}"] = Method(
+        f"naive clean t={naive_t}", "naive-clean", 1,
+        wrap(CleanExtractor(backbone, timestep=naive_t, taps=taps, chunk_size=chunk)), naive_t)
+    methods["clean t=0"] = Method("clean t=0", "clean-t0", 1,
+                                  wrap(CleanExtractor(backbone, timestep=0, taps=taps, chunk_size=chunk)), 0)
+    if student is not None:
+        methods["CleanDIFT"] = Method("CleanDIFT", "cleandift", 1, wrap(
+            CleanExtractor(backbone, unet=student, timestep=student_t, taps=taps, chunk_size=chunk)), round(student_t))
+    return methods
+
+
+def ensemble_method(backbone, t: int, ensemble: int, taps: list[str], chunk: int) -> Method:
+    ex = NoisyExtractor(backbone, t=t, ensemble=ensemble, taps=taps, chunk_size=max(1, chunk // ensemble))
+    return Method(f"noisy ensemble {ensemble} t={t}", "ensemble", ensemble,
+                  lambda images, g: ex(images, prompts=None, generator=g), t)
+
+
+def make_eval_set(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], seed: int,
+              n_bank: int, n_queries: int, n_points: int, warp: WarpConfig) -> EvalSet:
+    g = torch.Generator().manual_seed(seed)
+    bi = torch.randperm(len(train[0]), generator=g)[:n_bank]
+    qi = torch.randperm(len(test[0]), generator=g)[:n_queries]
+    pairs = make_warp_pairs(test[0][qi], warp, n_points=n_points, seed=seed)
+    return EvalSet(seed, train[0][bi], train[1][bi], pairs, test[1][qi])
+
+
+@torch.no_grad()
+def score_method(method: Method, data: EvalSet, taps: list[str], batch: int) -> Scores:
+    """kNN and warp PCK of every tap for one method on one seed's data.
+
+    Bank and queries go through the same extractor; noise draws come from a generator seeded by the
+    data's seed, so a noisy method is reproducible. Only the query (source) extraction is timed.
+    """
+    g = torch.Generator().manual_seed(10_000 + data.seed)
+    pooled_bank = _pooled(method.extract, data.bank, g, batch)
+    pooled_q: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
+    preds: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
+    seconds = 0.0
+    pairs = data.pairs
+    for start in range(0, len(pairs.source), batch):
+        sl = slice(start, start + batch)
+        t0 = time.perf_counter()
+        src = method.extract(pairs.source[sl], g)
+        seconds += time.perf_counter() - t0
+        trg = method.extract(pairs.target[sl], g)
+        for tap in taps:
+            pooled_q[tap].append(src[tap].mean(dim=(2, 3)))
+            preds[tap].append(predict_matches(src[tap], trg[tap], pairs.src_xy[sl], pairs.image_size))
+    out = Scores(seconds_per_image=seconds / len(pairs.source))
+    for tap in taps:
+        out.knn[tap] = knn_top1(pooled_bank[tap], data.bank_labels, torch.cat(pooled_q[tap]), data.query_labels)
+        pck = warp_pck(torch.cat(preds[tap]), pairs)
+        out.pck10[tap], out.pck05[tap] = pck["pck@0.10"], pck["pck@0.05"]
+    return out
+
+
+def _pooled(extract: FeatureFn, images: torch.Tensor, g: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch):
+        for tap, f in extract(images[start:start + batch], g).items():
+            chunks.setdefault(tap, []).append(f.mean(dim=(2, 3)))
+    return {tap: torch.cat(v) for tap, v in chunks.items()}
+
+
