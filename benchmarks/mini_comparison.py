@@ -14,7 +14,7 @@ On held-out Fashion-MNIST test images, for every feature method below and every 
 * **cost** -- U-Net passes per image and measured seconds per image (query extraction, this machine).
 
 Methods: noisy single draw at each t of ``--ts`` (DIFT's feature at that t); noisy ensemble of
-``--ensemble`` draws at the best t of the sweep (best per metric); "naive clean" (the frozen model on the
+``--ensemble`` draws at the best t of the sweep (best per metric) and at DIFT's t = 261; "naive clean" (the frozen model on the
 clean image with timestep input ``--naive-t``); clean at t = 0 (frozen model, clean image, t = 0); and
 CleanDIFT (the student on the clean image at its learned timestep). Every seed draws its own bank and
 query subsets, warps and noise; tables give mean +- standard error over seeds. The noise-variance
@@ -143,13 +143,20 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ts", default="0,50,100,200,261,400,600,800", help="noisy sweep (single draw)")
     p.add_argument("--ensemble", type=int, default=8)
+    p.add_argument("--ensemble-ts", default="best,261",
+                   help="timesteps of the ensemble rows: 'best' = the best t of the sweep per metric, plus "
+                        "explicit values (261 = DIFT's default)")
     p.add_argument("--naive-t", type=int, default=261)
     p.add_argument("--taps", default="mid,us1,us2,us3,us4,us5,us6,us7,us8,us9,us10")
+    p.add_argument("--families", default="noisy,ensemble,naive-clean,clean-t0,cleandift",
+                   help="which method families to run (e.g. 'cleandift' to score another student alone)")
     p.add_argument("--points", type=int, default=16, help="keypoints per warp pair")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--variance-images", type=int, default=256)
     p.add_argument("--variance-ts", default="50,100,200,261,400,600,800,950")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--contiguous", action="store_true",
+                   help="keep the U-Nets in contiguous memory (default: channels-last, ~1.2x faster on CPU here)")
     p.add_argument("--quick", action="store_true", help="bank 2000, queries 500, 2 seeds, short sweep")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mini-comparison"))
     args = p.parse_args(argv)
@@ -169,13 +176,19 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     ts = [int(t) for t in args.ts.split(",")]
     backbone, student, student_t = load_models(args.model, args.student)
+    if not args.contiguous:
+        for unet in (backbone.unet, student):
+            if unet is not None:
+                unet.to(memory_format=torch.channels_last)
     train_x, train_y = load_idx_dataset(args.data, "train")
     test_x, test_y = load_idx_dataset(args.data, "test")
     train = (to_model_range(train_x, backbone.resolution), train_y)
     test = (to_model_range(test_x, backbone.resolution), test_y)
     warp = WarpConfig()
 
-    methods = make_methods(backbone, student, student_t, taps, ts, args.naive_t, args.batch)
+    families = set(args.families.split(","))
+    methods = {n: m for n, m in make_methods(backbone, student, student_t, taps, ts, args.naive_t, args.batch).items()
+               if m.family in families}
     scores: dict[str, list[Scores]] = {name: [] for name in methods}
     baselines: dict[str, list[float]] = {}
     datas = []
@@ -194,16 +207,20 @@ def main(argv=None) -> None:
                   flush=True)
     # ensemble at the best t of the sweep, per metric
     sweep = {n: scores[n] for n, m in methods.items() if m.family == "noisy"}
-    best_ts = sorted({methods[max(sweep, key=lambda n: statistics.fmean(max(getattr(s, metric).values())
-                                                                        for s in sweep[n]))].t
-                      for metric in ("knn", "pck10")})
+    best_ts = set() if not sweep else {methods[max(sweep, key=lambda n: statistics.fmean(max(getattr(s, metric).values())
+                                                                 for s in sweep[n]))].t
+               for metric in ("knn", "pck10")}
+    wanted = args.ensemble_ts.split(",")
+    best_ts = sorted((best_ts if "best" in wanted else set()) | {int(t) for t in wanted if t != "best"})
+    if "ensemble" not in families:
+        best_ts = []
     for t in best_ts:
         method = ensemble_method(backbone, t, args.ensemble, taps, args.batch)
         methods[method.name] = method
         scores[method.name] = [score_method(method, data, taps, args.batch) for data in datas]
         print(f"[{time.perf_counter() - t_start:7.0f}s] {method.name} done", flush=True)
 
-    variance = run_variance(backbone, student, student_t, test[0], args, out)
+    variance = run_variance(backbone, student, student_t, test[0], args, out) if args.variance_images else {}
     write_results(args, out, methods, scores, baselines, taps, best_ts, variance, student_t)
 
 

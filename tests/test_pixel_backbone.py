@@ -150,7 +150,7 @@ def test_reference_checksum_survives_save_and_load(pixel_backbone, tmp_path):
 
 #: Fill in with the shipped model's ``reference_checksum`` (printed into assets/mini/checksum.json by export)
 #: when weights are committed; until then the test compares against that file only.
-RECORDED_MINI_CHECKSUM: dict | None = None
+RECORDED_MINI_CHECKSUM: dict | None = {'<empty>': {'mid': 1.3084, 'us10': 0.9895, 'us6': 0.9885}, 'T-shirt/top': {'mid': 1.7527, 'us10': 0.9476, 'us6': 0.9987}}
 
 
 def test_bundled_mini_loads_and_reproduces_checksum():
@@ -166,3 +166,23 @@ def test_bundled_mini_loads_and_reproduces_checksum():
     for prompt, taps in recorded.items():
         for tap, value in taps.items():
             assert got[prompt][tap] == pytest.approx(value, rel=1e-3, abs=1e-4), (prompt, tap)
+
+
+def test_bundled_student_loads_and_differs_from_its_teacher():
+    from cleandift.backbones.pixel import BUNDLED_MINI_STUDENT_DIR, bundled_mini_available
+    from cleandift.checkpoints import load_student, read_checkpoint
+    from cleandift.extract import CleanExtractor
+
+    if not bundled_mini_available():
+        pytest.skip("this build ships no mini model")
+    backbone = load_bundled_mini(dtype=torch.float32)
+    student, ckpt = load_student(backbone.unet, read_checkpoint(BUNDLED_MINI_STUDENT_DIR))
+    assert ckpt.timestep == pytest.approx(261.0, abs=5.0)
+    images = _images(4)
+    taps = "mid,us6,us10"
+    clean = CleanExtractor(backbone, unet=student, timestep=ckpt.timestep, taps=taps)(images)
+    frozen = CleanExtractor(backbone, timestep=ckpt.timestep, taps=taps)(images)
+    for tap in clean:
+        assert clean[tap].shape == frozen[tap].shape
+        cos = torch.nn.functional.cosine_similarity(clean[tap], frozen[tap], dim=1).mean()
+        assert 0.0 < cos < 0.999, tap  # distilled: related to its teacher, not equal to it

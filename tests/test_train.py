@@ -196,6 +196,16 @@ def test_export_loads_with_checkpoints_module_and_extracts_identically(tiny_back
 
     from cleandift.train.loop import build_aligner  # --checkpoint EXPORT initialises a new run from it
 
+    from cleandift.train.export import write_student_folder  # the compact fp16 copy that ships in the package
+
+    compact = write_student_folder(out, tmp_path / "compact", dtype=torch.float16)
+    assert sorted(p.name for p in compact.iterdir()) == ["cleandift.json", "unet"]
+    half, half_ckpt = load_student(tiny_backbone.unet, compact)
+    assert half_ckpt.timestep == pytest.approx(ckpt.timestep) and not half_ckpt.heads
+    assert next(half.parameters()).dtype == torch.float32  # cast back to the base U-Net's dtype
+    for k, v in half.state_dict().items():
+        torch.testing.assert_close(v, student.state_dict()[k].half().float())
+
     again = build_aligner(TrainConfig(checkpoint=str(out), taps="us6,us9"), tiny_backbone)
     for k, v in aligner.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v)

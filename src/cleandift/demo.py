@@ -66,7 +66,7 @@ def run_random_demo(out_dir: Path, seed: int = 0) -> Path:
 
 
 def run_demo(out_dir: str | Path = "cleandift-demo", seed: int = 0, model: str | None = None,
-             student: str | None = None, distill_steps: int = 40, bank: int = 2000, queries: int = 500) -> Path:
+             student: str | None = None, distill_steps: int = 40, bank: int = 1000, queries: int = 300) -> Path:
     """Run the best demo available and return its output folder.
 
     With a pixel-space model (``model``: an exported ``pretrain-mini`` folder, or the bundled ``mini``

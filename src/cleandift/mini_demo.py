@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ DEMO_T = 261
 
 
 def run_mini_demo(out_dir: str | Path, seed: int = 0, model: str | None = None, student: str | None = None,
-                  distill_steps: int = 40, queries: int = 500, bank: int = 2000) -> Path:
+                  distill_steps: int = 40, queries: int = 300, bank: int = 1000) -> Path:
     """Run the demo; ``model`` / ``student`` default to the bundled ones. Returns the report folder.
 
     Without a shipped student (``student=None`` and none bundled) the CleanDIFT rows use the student
@@ -50,7 +52,7 @@ def run_mini_demo(out_dir: str | Path, seed: int = 0, model: str | None = None, 
 
     print(f"\n[1/4] short distillation ({distill_steps} steps) ...")
     distill = short_distillation(backbone, BUNDLED_SUBSET_DIR, out / "distill", distill_steps, seed)
-    shipped = _load_shipped_student(backbone, student)
+    shipped = _load_shipped_student(backbone, student, bundled=model in (None, "mini"))
     if shipped is None:
         student_unet, student_t, student_label = distill["student"], distill["timestep"], "CleanDIFT (demo run)"
         print("      no shipped student: the CleanDIFT rows use this short run's student")
@@ -92,17 +94,31 @@ def short_distillation(backbone: PixelDiffusionBackbone, data: Path, run_dir: Pa
                          batch_size=16, size=backbone.resolution, resize="crop", captions=False, workers=0,
                          lr=3e-4, warmup_steps=5, seed=seed, checkpoint_every=0, val_images=16,
                          val_every=steps, log_every=1, export=True, sample_posterior=False)
-    result = train(config, backbone=backbone, callbacks=[on_step], progress=False)
+    with _quiet("cleandift.train"):  # the demo prints its own short log; the trainer's details go to run_dir
+        result = train(config, backbone=backbone, callbacks=[on_step], progress=False)
     student = _load_shipped_student(backbone, str(result.export_dir))  # export -> load: what users do
     return {"losses": losses, "student": student[0], "timestep": student[1], "val_loss": result.val_loss,
             "export": str(result.export_dir)}
 
 
-def _load_shipped_student(backbone: PixelDiffusionBackbone, student: str | None):
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_shipped_student(backbone: PixelDiffusionBackbone, student: str | None, bundled: bool = False):
+    """The given student, else (``bundled``: the model is the shipped one) the shipped student, else None."""
     from .backbones.pixel import BUNDLED_MINI_STUDENT_DIR  # noqa: PLC0415
     from .checkpoints import load_student, read_checkpoint  # noqa: PLC0415
 
-    path = student or (str(BUNDLED_MINI_STUDENT_DIR) if (BUNDLED_MINI_STUDENT_DIR / "unet").is_dir() else None)
+    path = student or (str(BUNDLED_MINI_STUDENT_DIR)
+                       if bundled and (BUNDLED_MINI_STUDENT_DIR / "unet").is_dir() else None)
     if path is None:
         return None
     unet, ckpt = load_student(backbone.unet, read_checkpoint(path))

@@ -15,8 +15,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="CleanDIFT student export of that model; default: the bundled one, else the demo's own "
                         "short distillation")
     p.add_argument("--distill-steps", type=int, default=40, help="steps of the short distillation (default 40)")
-    p.add_argument("--bank", type=int, default=2000, help="kNN bank size, bundled training images (max 2000)")
-    p.add_argument("--queries", type=int, default=500, help="held-out test images scored (max 500)")
+    p.add_argument("--bank", type=int, default=1000, help="kNN bank size, bundled training images (max 2000)")
+    p.add_argument("--queries", type=int, default=300, help="held-out test images scored (max 500)")
     p.set_defaults(func=run)
     return p
 

@@ -104,3 +104,33 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_student_folder(export_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = torch.float16,
+                         heads: bool = False) -> Path:
+    """A compact, loadable copy of an export: ``unet/`` (weights in ``dtype``) + ``cleandift.json``.
+
+    What ships inside the package for the ``mini`` model: the reference ``*_unet.safetensors`` duplicate
+    is left out, and the heads too unless ``heads`` (inference drops them). ``read_checkpoint`` /
+    ``--checkpoint`` load the result like any export.
+    """
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    src, out = Path(export_dir), Path(out_dir)
+    unet_src = src / "unet"
+    if not (unet_src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: not a `cleandift train` export (no unet/config.json)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "unet").mkdir(parents=True)
+    shutil.copy2(unet_src / "config.json", tmp / "unet" / "config.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(unet_src.glob("diffusion_pytorch_model*.safetensors")):
+        state.update(load_file(str(file)))
+    save_file(_cast(state, dtype), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if heads and (src / EXPORT_HEADS).is_file():
+        save_file(_cast(load_file(str(src / EXPORT_HEADS)), dtype), str(tmp / EXPORT_HEADS))
+    if (src / EXPORT_META).is_file():
+        shutil.copy2(src / EXPORT_META, tmp / EXPORT_META)
+    _replace_dir(tmp, out)
+    return out
