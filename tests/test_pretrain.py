@@ -222,22 +222,6 @@ def test_stop_request_checkpoints_the_current_step(idx_dir, tmp_path):
     assert open_run(_config(tmp_path / "s", data=str(idx_dir), steps=4, checkpoint_every=100), resume=True).step == 1
 
 
-def test_png_folder_is_pixel_identical_to_model_range(idx_dir, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from cleandift.pretrain.idx import load_idx_dataset, to_model_range, write_png_folder
-
-    out = write_png_folder(idx_dir, tmp_path / "png", split="train", limit=5, by_class=["a/b"] * 10)
-    files = sorted(out.rglob("*.png"))
-    assert len(files) == 5 and all(f.parent.name == "a-b" for f in files)
-    images, _ = load_idx_dataset(idx_dir, "train")
-    expected = to_model_range(images[:1])[0, 0]
-    with Image.open(files[0]) as img:
-        got = torch.from_numpy(np.asarray(img, dtype=np.float32)) / 127.5 - 1
-    assert img.size == (32, 32) and torch.allclose(got, expected, atol=1 / 127.5)
-
-
 def test_trainer_reads_idx_data_padded_like_pretraining(idx_dir):
     from cleandift.train.data import IdxImages, collate, prepare_datasets
 

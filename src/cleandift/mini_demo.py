@@ -11,16 +11,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
-import logging
 import time
 from pathlib import Path
 
 import torch
 
 from .backbones.pixel import PixelDiffusionBackbone
+from .logs import quiet_logger
 
 DEMO_TAPS = ("mid", "us1", "us2", "us3", "us4", "us5", "us6", "us7", "us8", "us9", "us10")
 DEMO_T = 261
@@ -94,22 +93,11 @@ def short_distillation(backbone: PixelDiffusionBackbone, data: Path, run_dir: Pa
                          batch_size=16, size=backbone.resolution, resize="crop", captions=False, workers=0,
                          lr=3e-4, warmup_steps=5, seed=seed, checkpoint_every=0, val_images=16,
                          val_every=steps, log_every=1, export=True, sample_posterior=False)
-    with _quiet("cleandift.train"):  # the demo prints its own short log; the trainer's details go to run_dir
+    with quiet_logger("cleandift.train"):  # the demo prints its own short log; the trainer's details go to run_dir
         result = train(config, backbone=backbone, callbacks=[on_step], progress=False)
     student = _load_shipped_student(backbone, str(result.export_dir))  # export -> load: what users do
     return {"losses": losses, "student": student[0], "timestep": student[1], "val_loss": result.val_loss,
             "export": str(result.export_dir)}
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _load_shipped_student(backbone: PixelDiffusionBackbone, student: str | None, bundled: bool = False):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -134,34 +133,6 @@ def to_model_range(images: torch.Tensor, size: int = 32) -> torch.Tensor:
         ph, pw = (size - h) // 2, (size - w) // 2
         return torch.nn.functional.pad(x, (pw, pw, ph, ph), value=-1.0)
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def write_png_folder(data: str | Path, out: str | Path, split: str = "train", limit: int | None = None,
-                     size: int = 32, by_class: Sequence[str] | None = None) -> Path:
-    """Write a split as ``size``-px grayscale PNGs (padded exactly like :func:`to_model_range`).
-
-    The distillation trainer reads image folders; writing the padded 32x32 images (rather than letting
-    the trainer resize 28x28 ones) keeps the student's inputs pixel-identical to what pretraining saw.
-    ``by_class`` (class names in label order) puts each image in a ``<class>/`` subfolder, the
-    ``ImageFolder`` layout of the kNN evaluation. Existing files are overwritten.
-    """
-    from PIL import Image  # noqa: PLC0415
-
-    images, labels = load_idx_dataset(data, split)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    x = to_model_range(images, size).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (img, label) in enumerate(zip(x, labels.tolist())):
-        folder = out / _safe_name(by_class[label]) if by_class else out
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(img[0].numpy()).save(folder / f"{split}_{i:05d}.png")
-    return out
-
-
-def _safe_name(name: str) -> str:
-    return name.replace("/", "-").replace(" ", "_")
 
 
 #: The Fashion-MNIST subset shipped inside the package for the offline demo (class-balanced, see

@@ -37,6 +37,7 @@ import torch
 from ..backbones.base import DiffusionBackbone
 from ..distill import FeatureAligner
 from ..errors import ConfigError
+from ..logs import quiet_logger
 from .config import TrainConfig
 from .data import ImageFolder, StreamBatchSampler, collate, make_loader, prepare_datasets
 
@@ -118,7 +119,7 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     model, optimizer = accelerator.prepare(aligner, optimizer)
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        with _quiet("accelerate"):
+        with quiet_logger("accelerate"):
             accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d (%d batches consumed)", resume_from, state.step, state.batches)
 
@@ -384,7 +385,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        with _quiet("accelerate"):  # one line of ours instead of one per saved file
+        with quiet_logger("accelerate"):  # one line of ours instead of one per saved file
             accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -397,17 +398,6 @@ class CheckpointManager:
             log.info("step %d: saved resumable state to %s", step, final)
         accelerator.wait_for_everyone()
         return final
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _atomic_write(path: Path, text: str) -> None:
