@@ -220,11 +220,11 @@ def main(argv=None) -> None:
         scores[method.name] = [score_method(method, data, taps, args.batch) for data in datas]
         print(f"[{time.perf_counter() - t_start:7.0f}s] {method.name} done", flush=True)
 
-    variance = run_variance(backbone, student, student_t, test[0], args, out) if args.variance_images else {}
+    variance = run_variance(backbone, test[0], args, out) if args.variance_images else {}
     write_results(args, out, methods, scores, baselines, taps, best_ts, variance, student_t)
 
 
-def run_variance(backbone, student, student_t, images: torch.Tensor, args, out: Path) -> dict:
+def run_variance(backbone, images: torch.Tensor, args, out: Path) -> dict:
     from cleandift.analysis.variance import noise_variance_analysis  # noqa: PLC0415
 
     ts = [int(t) for t in args.variance_ts.split(",")]

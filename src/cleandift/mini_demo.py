@@ -121,14 +121,15 @@ def score_methods(backbone, student_unet, student_t, student_label, train, test,
     from .pretrain.probe import pixel_baselines  # noqa: PLC0415
 
     taps = [t for t in DEMO_TAPS if t in backbone.taps]
-    extractors = {
-        student_label: (CleanExtractor(backbone, unet=student_unet, timestep=student_t, taps=taps, chunk_size=250), 1),
-        f"DIFT t={DEMO_T}, 1 draw": (NoisyExtractor(backbone, t=DEMO_T, ensemble=1, taps=taps, chunk_size=250), 1),
-        f"DIFT t={DEMO_T}, 8 draws": (NoisyExtractor(backbone, t=DEMO_T, ensemble=8, taps=taps, chunk_size=32), 8),
-        "frozen model, clean, t=0": (CleanExtractor(backbone, timestep=0, taps=taps, chunk_size=250), 1),
-    }
-    methods = {name: Method(name, name, passes, (lambda ex: lambda x, g: ex(x, prompts=None, generator=g))(ex))
-               for name, (ex, passes) in extractors.items()}
+    methods = {m.name: m for m in (
+        Method.of(student_label, "cleandift",
+                  CleanExtractor(backbone, unet=student_unet, timestep=student_t, taps=taps, chunk_size=250)),
+        Method.of(f"DIFT t={DEMO_T}, 1 draw", "noisy",
+                  NoisyExtractor(backbone, t=DEMO_T, ensemble=1, taps=taps, chunk_size=250)),
+        Method.of(f"DIFT t={DEMO_T}, 8 draws", "ensemble",
+                  NoisyExtractor(backbone, t=DEMO_T, ensemble=8, taps=taps, chunk_size=32)),
+        Method.of("frozen model, clean, t=0", "clean-t0", CleanExtractor(backbone, timestep=0, taps=taps, chunk_size=250)),
+    )}
     data = make_eval_set(train, test, seed, len(train[0]), len(test[0]), 16, WarpConfig())
     table = []
     base = pixel_baselines((data.bank, data.bank_labels), (data.pairs.source, data.query_labels))

@@ -24,11 +24,21 @@ FeatureFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 
 @dataclass
 class Method:
+    """A named way of getting features, with its cost in U-Net passes per image."""
+
     name: str
     family: str  # noisy | ensemble | naive-clean | clean-t0 | cleandift
     passes: int  # U-Net passes per image
     extract: FeatureFn
     t: int | None = None
+
+    @classmethod
+    def of(cls, name: str, family: str, extractor: CleanExtractor | NoisyExtractor) -> "Method":
+        """Wrap an extractor (null prompt); passes and t are read off it."""
+        noisy = isinstance(extractor, NoisyExtractor)
+        t = extractor.t if noisy else round(extractor.timestep)
+        return cls(name, family, extractor.ensemble if noisy else 1,
+                   lambda images, g: extractor(images, prompts=None, generator=g), t)
 
 
 @dataclass
@@ -52,27 +62,21 @@ class Scores:
 
 def make_methods(backbone, student, student_t: float, taps: list[str], ts: list[int], naive_t: int,
                  chunk: int) -> dict[str, Method]:
-    def wrap(extractor) -> FeatureFn:
-        return lambda images, g: extractor(images, prompts=None, generator=g)
-
-    methods = {f"noisy t={t}": Method(f"noisy t={t}", "noisy", 1,
-                                      wrap(NoisyExtractor(backbone, t=t, ensemble=1, taps=taps, chunk_size=chunk)), t)
-               for t in ts}
-    methods[f"naive clean t={naive_t}"] = Method(
-        f"naive clean t={naive_t}", "naive-clean", 1,
-        wrap(CleanExtractor(backbone, timestep=naive_t, taps=taps, chunk_size=chunk)), naive_t)
-    methods["clean t=0"] = Method("clean t=0", "clean-t0", 1,
-                                  wrap(CleanExtractor(backbone, timestep=0, taps=taps, chunk_size=chunk)), 0)
+    """The single-pass methods of the comparison: noisy at each t, naive clean, clean t=0, CleanDIFT."""
+    methods = [Method.of(f"noisy t={t}", "noisy", NoisyExtractor(backbone, t=t, ensemble=1, taps=taps,
+                                                                  chunk_size=chunk)) for t in ts]
+    methods.append(Method.of(f"naive clean t={naive_t}", "naive-clean",
+                             CleanExtractor(backbone, timestep=naive_t, taps=taps, chunk_size=chunk)))
+    methods.append(Method.of("clean t=0", "clean-t0", CleanExtractor(backbone, timestep=0, taps=taps, chunk_size=chunk)))
     if student is not None:
-        methods["CleanDIFT"] = Method("CleanDIFT", "cleandift", 1, wrap(
-            CleanExtractor(backbone, unet=student, timestep=student_t, taps=taps, chunk_size=chunk)), round(student_t))
-    return methods
+        methods.append(Method.of("CleanDIFT", "cleandift", CleanExtractor(backbone, unet=student, timestep=student_t,
+                                                                          taps=taps, chunk_size=chunk)))
+    return {m.name: m for m in methods}
 
 
 def ensemble_method(backbone, t: int, ensemble: int, taps: list[str], chunk: int) -> Method:
     ex = NoisyExtractor(backbone, t=t, ensemble=ensemble, taps=taps, chunk_size=max(1, chunk // ensemble))
-    return Method(f"noisy ensemble {ensemble} t={t}", "ensemble", ensemble,
-                  lambda images, g: ex(images, prompts=None, generator=g), t)
+    return Method.of(f"noisy ensemble {ensemble} t={t}", "ensemble", ex)
 
 
 def make_eval_set(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], seed: int,
