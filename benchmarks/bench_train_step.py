@@ -159,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                              "every `reference` step, so no second copy is held. CAUTION (seen at sd15 size): the "
                              "per-step casts make oneDNN rebuild its kernels every step, which dominates the step "
                              "time; at real sizes compare with fp32 for both or run the cases in separate processes")
-    parser.add_argument("--optimizer", choices=("adam", "adam-fused"), default="adam",
-                        help="the same optimizer for both cases (fused: torch's fused Adam kernel)")
+    parser.add_argument("--optimizer", choices=("adam-fused", "adam-foreach"), default="adam-fused",
+                        help="the same optimizer for both cases (adam-fused: torch's fused kernel, what "
+                             "`cleandift train` uses where available)")
+    parser.add_argument("--keep-unused", action="store_true",
+                        help="keep the VAE decoder and CLIP text encoder (`cleandift train` releases them when "
+                             "the data has no captions; see cleandift.train.loop.release_unused_parts)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for `ours` only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default="ours,reference",
@@ -174,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     backbone = build_random_backbone(args.arch)
+    if not args.keep_unused:  # what the trainer does for uncaptioned data (both cases use the empty prompt)
+        backbone.release_decoder()
+        backbone.release_prompt_encoder([""])
     size = args.size or backbone.resolution
     teacher_dtype = DTYPES[args.teacher_dtype]
     teacher = backbone.unet
     aligner = FeatureAligner(backbone, num_timesteps=args.num_timesteps, teacher_dtype=teacher_dtype,
                              gradient_checkpointing=args.gradient_checkpointing)
-    fused = {"fused": True} if args.optimizer == "adam-fused" else {}
-    optimizer = torch.optim.Adam(aligner.trainable_parameters(), lr=1e-7, **fused)  # tiny lr: weights barely move
+    fused = args.optimizer == "adam-fused"
+    # tiny lr: weights barely move
+    optimizer = torch.optim.Adam(aligner.trainable_parameters(), lr=1e-7, fused=fused, foreach=not fused)
     images = torch.rand(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     counter = iter(range(10**9))
 
@@ -209,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         f"## train step, {args.arch} @ {size} px, batch {args.batch_size} x {args.num_timesteps} timesteps "
         f"({date.today().isoformat()})",
         "",
-        f"{environment_line()}; optimizer {args.optimizer} (both); ours: teacher {args.teacher_dtype}, "
+        f"{environment_line()}; optimizer {args.optimizer} (both); VAE decoder and CLIP "
+        f"{'kept' if args.keep_unused else 'released (empty prompt cached)'}; ours: teacher {args.teacher_dtype}, "
         f"early stop after the last tap"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; reference: fp32 teacher, "
         f"student on B*I copies, both through up_blocks[3]; {args.warmup} warm-ups, {args.repeats} interleaved "
         f"repeats; resident before the first step {resident:,.0f} MB (after build).",
         "",
-        "| case | median s/step | min s/step | median peak RSS (MB) | max peak RSS (MB) |",
+        "| case | median s/step | min s/step | median peak RSS (MiB) | max peak RSS (MiB) |",
         "|---|---|---|---|---|",
         *[f"| {n} | {med:.3f} | {mn:.3f} | {rss:,.0f} | {rss_max:,.0f} |" for n, med, mn, rss, rss_max in rows],
         "",

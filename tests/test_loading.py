@@ -65,3 +65,26 @@ def test_single_file_without_config_offline_gives_a_fix(tmp_path):
 def test_extractor_on_loaded_folder(tiny_backbone, tiny_images):
     feats = CleanExtractor(tiny_backbone, taps="mid,us10")(tiny_images)
     assert feats["mid"].shape == (2, 64, 2, 2) and feats["us10"].shape == (2, 32, 16, 16)
+
+
+def test_released_prompt_encoder_keeps_its_prompts_across_moves(tiny_pipeline_dir, tiny_images):
+    backbone = load_backbone(str(tiny_pipeline_dir))
+    empty, car = backbone.encode_prompts("", 1), backbone.encode_prompts("a car", 1)
+    latents = backbone.encode_images(tiny_images)
+    def nbytes(*modules):  # weights and buffers (CLIP's int64 position ids)
+        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+    clip_bytes = nbytes(backbone.text_encoder)
+    decoder_bytes = nbytes(backbone.vae.decoder, backbone.vae.post_quant_conv)
+
+    assert backbone.release_prompt_encoder(["", "a car"]) == clip_bytes
+    assert backbone.release_decoder() == decoder_bytes
+    assert backbone.text_encoder is None and backbone.vae.decoder is None
+    backbone.clear_prompt_cache()  # kept prompts cannot be recomputed, so they survive
+    backbone.to(torch.float64)     # ... and follow the module like buffers do
+    assert backbone.encode_prompts(["a car", ""], 2).dtype == torch.float64
+    torch.testing.assert_close(backbone.encode_prompts(["a car", ""], 2).float(), torch.cat([car, empty]))
+    torch.testing.assert_close(backbone.encode_images(tiny_images.double()).float(), latents, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="'a dog' was not encoded before the prompt encoder was released"):
+        backbone.encode_prompts("a dog", 1)
+    assert backbone.release_prompt_encoder([""]) == 0  # already released: nothing more to free

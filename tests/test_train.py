@@ -257,3 +257,23 @@ def test_cli_dry_run_and_three_step_run(tiny_pipeline_dir, tmp_path, capsys):
     assert [r["step"] for r in _read_csv(out / "train_log.csv")] == ["1", "2", "3", "4"]
     assert main(["train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), "--dry-run"]) == 2
     assert "training folder not found" in capsys.readouterr().err
+
+
+def test_training_releases_what_it_never_runs(tiny_pipeline_dir, image_dir, tmp_path):
+    from cleandift import load_backbone
+    from cleandift.train.loop import build_optimizer, release_unused_parts
+
+    backbone = load_backbone(str(tiny_pipeline_dir))
+    (image_dir / "img0.txt").write_text("a red car")
+    train_set, val_set, _ = prepare_datasets(image_dir, 64, val_images=1, prompt="", seed=0)
+    captions = train_set.prompts() | val_set.prompts()
+    assert captions == {"", "a red car"}
+    assert release_unused_parts(backbone, [train_set, val_set], max_prompts=1) > 0  # 2 prompts: CLIP stays
+    assert backbone.vae.decoder is None and backbone.text_encoder is not None
+    release_unused_parts(backbone, [train_set, val_set])
+    assert backbone.text_encoder is None and backbone.encode_prompts(["a red car", ""], 2).shape[0] == 2
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert build_optimizer(_config(image_dir, tmp_path), params).defaults["fused"]  # "adam": fused on CPU
+    foreach = build_optimizer(_config(image_dir, tmp_path, optimizer="adam-foreach"), params)
+    assert not foreach.defaults["fused"] and foreach.defaults["foreach"]

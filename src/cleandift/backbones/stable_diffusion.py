@@ -58,8 +58,25 @@ class StableDiffusionBackbone(DiffusionBackbone):
                           dtype=mean.dtype).to(mean.device)
         return (mean + std * eps).to(self.dtype)
 
+    def _drop_prompt_encoder(self) -> int:
+        freed = _nbytes(self.text_encoder)
+        self.text_encoder = None
+        return freed
+
+    def release_decoder(self) -> int:
+        freed = _nbytes(self.vae.decoder) + _nbytes(self.vae.post_quant_conv)
+        self.vae.decoder = None
+        self.vae.post_quant_conv = None
+        return freed
+
     def _encode_prompt_batch(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(tokens.input_ids.to(device))[0]
+
+
+def _nbytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..train.config import OPTIMIZERS
 from .common import add_model_args
 
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -55,8 +56,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-6, code 1e-5)")
     run.add_argument("--warmup-steps", type=int, default=None,
                      help="linear warmup steps (paper preset 40, code 2000)")
-    run.add_argument("--optimizer", choices=("adam", "adam-fused", "adam8bit"), default=None,
-                     help="adam (default), adam-fused (torch fused kernel), adam8bit (needs bitsandbytes)")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                     help="adam (default: torch's fused kernel where this torch/device has it, else foreach), "
+                          "adam-fused, adam-foreach, adam8bit (needs bitsandbytes)")
     run.add_argument("--seed", type=int, default=None, help="seed for init, data order and noise (default 42)")
     run.add_argument("--teacher-dtype", choices=sorted(_DTYPE_NAMES), default=None,
                      help="precision of the frozen teacher (bf16 halves its memory; default: fp32)")

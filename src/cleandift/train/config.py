@@ -30,7 +30,7 @@ from ..loss import LOSSES
 
 PRESET_NAMES: tuple[str, ...] = ("paper", "code")
 LR_SCHEDULES: tuple[str, ...] = ("constant_with_warmup", "constant")
-OPTIMIZERS: tuple[str, ...] = ("adam", "adam-fused", "adam8bit")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adam-fused", "adam-foreach", "adam8bit")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 RESIZES: tuple[str, ...] = ("crop", "stretch")
 

@@ -127,6 +127,10 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def prompts(self) -> set[str]:
+        """Every distinct prompt this dataset can yield (captions, else the default prompt)."""
+        return {rec.caption if rec.caption is not None else self.prompt for rec in self.records}
+
     def load(self, index: int) -> torch.Tensor:
         img = load_image(self.records[index].path)
         return image_to_tensor(resize_image(img, self.size, self.resize)[0])
@@ -165,6 +169,9 @@ class IdxImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def prompts(self) -> set[str]:
+        return {self.prompt}
 
     def __getitem__(self, index: int) -> dict:
         from ..pretrain.idx import to_model_range  # noqa: PLC0415

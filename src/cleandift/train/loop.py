@@ -100,6 +100,7 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     train_set, val_set, bad = _datasets(config, backbone)  # before any model loads: fail fast on data
     if backbone is None:
         backbone = load_training_backbone(config, accelerator.device)
+        release_unused_parts(backbone, [train_set, val_set])
     backbone.to(accelerator.device)
     size = check_size(config.size or backbone.resolution, backbone)
     train_set.size = size
@@ -247,6 +248,24 @@ def load_training_backbone(config: TrainConfig, device: torch.device) -> Diffusi
                          single_file_config=config.single_file_config)
 
 
+def release_unused_parts(backbone: DiffusionBackbone, datasets: Sequence, max_prompts: int = 256) -> int:
+    """Free what a distillation never runs: the image decoder, and the prompt encoder when the data has
+    at most ``max_prompts`` distinct prompts (encoded once here). Returns the bytes freed.
+
+    Why: next to an fp32 SD 1.5 student, its Adam state and the teacher (~19.4 GiB together), the CLIP
+    text encoder (0.49 GB) and the VAE decoder (0.2 GB) are the easiest memory to give back. Only for
+    backbones the trainer loaded itself -- a caller's backbone is never mutated.
+    """
+    prompts = set().union(*(ds.prompts() for ds in datasets if ds is not None))
+    freed = backbone.release_decoder()
+    if len(prompts) <= max_prompts:
+        freed += backbone.release_prompt_encoder(sorted(prompts))
+    if freed:
+        log.info("released %.2f GB of weights training never runs (image decoder%s)", freed / 1e9,
+                 f", prompt encoder after caching {len(prompts)} prompt(s)" if len(prompts) <= max_prompts else "")
+    return freed
+
+
 def check_size(size: int, backbone: DiffusionBackbone) -> int:
     """The image side must be a multiple of the U-Net's coarsest cell (64 px for SD)."""
     cell = backbone.latent_factor * (backbone.taps["mid"].stride if "mid" in backbone.taps else 8)
@@ -285,7 +304,23 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
             raise ConfigError("optimizer adam8bit needs bitsandbytes: pip install bitsandbytes "
                               "(or use --optimizer adam)") from exc
         return bnb.optim.Adam8bit(params, **kwargs)
-    return torch.optim.Adam(params, fused=config.optimizer == "adam-fused" or None, **kwargs)
+    fused = {"adam": fused_adam_available(params), "adam-fused": True, "adam-foreach": False}[config.optimizer]
+    return torch.optim.Adam(params, fused=fused, foreach=not fused, **kwargs)
+
+
+def fused_adam_available(params: Sequence[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused Adam kernel runs on ``params``' devices.
+
+    Why the default prefers it: the foreach implementation materialises a full-size temporary per
+    state tensor during the step (3.9 GB for an SD 1.5 student plus heads), which set the peak
+    memory of a 256 px CPU step; the fused kernel updates in place and is faster.
+    """
+    try:  # private helper, but the list torch itself checks `fused=True` against
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices  # noqa: PLC0415
+    except ImportError:
+        return False
+    supported = set(_get_fused_kernels_supported_devices())
+    return all(p.device.type in supported and p.is_floating_point() for p in params)
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

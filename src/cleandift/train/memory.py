@@ -26,7 +26,10 @@ from ..taps import Tap, run_to_taps
 GiB = 2**30
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 #: Optimizer state bytes per trainable parameter (fused Adam keeps the same two fp32 moments).
-OPTIMIZER_BYTES = {"adam": 8, "adam-fused": 8, "adam8bit": 2}
+OPTIMIZER_BYTES = {"adam": 8, "adam-fused": 8, "adam-foreach": 8, "adam8bit": 2}
+#: Transient bytes per trainable parameter inside ``optimizer.step()``: foreach Adam materialises
+#: ``sqrt(v)`` for every tensor at once; the fused kernel (the ``adam`` default) works in place.
+OPTIMIZER_STEP_BYTES = {"adam-foreach": 4}
 
 
 @dataclass
@@ -75,6 +78,8 @@ class MemoryEstimate:
             "head activations": b * i * p.heads * act_scale,
             "teacher features + peak": b * i * (p.teacher_taps + p.teacher_peak) * teacher_bpp / 4,
         }
+        if optimizer in OPTIMIZER_STEP_BYTES:
+            parts["optimizer step temporaries"] = self.trainable_params * OPTIMIZER_STEP_BYTES[optimizer]
         return {k: v / GiB for k, v in parts.items()}
 
     def total(self, **kwargs) -> float:
