@@ -136,6 +136,7 @@ class DiffusionBackbone(nn.Module, ABC):
                 kept.update(zip(chunk, self.encode_prompts(chunk, len(chunk))))
             freed = self._drop_prompt_encoder()
             self._kept_prompts = kept
+            self._prompt_cache.clear()  # everything it held is either kept or no longer computable
             return freed
         missing = [p for p in prompts if p not in self._kept_prompts]
         if missing:
