@@ -312,8 +312,8 @@ def fused_adam_available(params: Sequence[torch.nn.Parameter]) -> bool:
     """Whether torch's fused Adam kernel runs on ``params``' devices.
 
     Why the default prefers it: the foreach implementation materialises a full-size temporary per
-    state tensor during the step (3.9 GB for an SD 1.5 student plus heads), which set the peak
-    memory of a 256 px CPU step; the fused kernel updates in place and is faster.
+    state tensor during the step (3.9 GB for an SD 1.5 student plus heads); the fused kernel updates
+    in place and is faster.
     """
     try:  # private helper, but the list torch itself checks `fused=True` against
         from torch.optim.optimizer import _get_fused_kernels_supported_devices  # noqa: PLC0415
