@@ -19,7 +19,8 @@ clean image with timestep input ``--naive-t``); clean at t = 0 (frozen model, cl
 CleanDIFT (the student on the clean image at its learned timestep). Every seed draws its own bank and
 query subsets, warps and noise; tables give mean +- standard error over seeds. The noise-variance
 analysis (paper Sec. 3.1) runs on ``--variance-images`` test images. Results go to ``--out``
-(``results.json``, ``summary.md``, PNG figures).
+(``results.json``, ``summary.md``, PNG figures). The full protocol takes CPU-hours: each finished
+(seed, method) is appended to ``OUT/scores.jsonl`` at once, and ``--resume`` picks a killed run up there.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from _timing import environment_line  # noqa: E402
 from cleandift.backbones.loading import load_backbone  # noqa: E402
 from cleandift.checkpoints import load_student, read_checkpoint  # noqa: E402
 from cleandift.eval.method_comparison import (  # noqa: E402
-    Method, Scores, ensemble_method, make_eval_set, make_methods, score_method,
+    Method, ScoreCache, Scores, ensemble_method, make_eval_set, make_methods, score_method,
 )
 from cleandift.eval.warp import WarpConfig, nothing_moves  # noqa: E402
 from cleandift.pretrain.idx import load_idx_dataset, to_model_range  # noqa: E402
@@ -157,6 +158,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--contiguous", action="store_true",
                    help="keep the U-Nets in contiguous memory (default: channels-last, ~1.2x faster on CPU here)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the (seed, method) scores already in OUT/scores.jsonl from a run with the same "
+                        "settings (every finished pair is appended there as it completes)")
     p.add_argument("--quick", action="store_true", help="bank 2000, queries 500, 2 seeds, short sweep")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mini-comparison"))
     args = p.parse_args(argv)
@@ -190,9 +194,24 @@ def main(argv=None) -> None:
     methods = {n: m for n, m in make_methods(backbone, student, student_t, taps, ts, args.naive_t, args.batch).items()
                if m.family in families}
     scores: dict[str, list[Scores]] = {name: [] for name in methods}
+    cache = ScoreCache(out / "scores.jsonl", cache_settings(args))
+    if not args.resume and len(cache):
+        (out / "scores.jsonl").unlink()
+        cache = ScoreCache(out / "scores.jsonl", cache_settings(args))
+    if len(cache):
+        print(f"resuming: {len(cache)} (seed, method) scores reused from {cache.path}", flush=True)
     baselines: dict[str, list[float]] = {}
     datas = []
     t_start = time.perf_counter()
+
+    def scored(method: Method, data) -> Scores:
+        """The cached scores of (seed, method), else computed now and cached."""
+        hit = cache.get(data.seed, method.name)
+        if hit is None:
+            hit = score_method(method, data, taps, args.batch)
+            cache.put(data.seed, method.name, hit)
+        return hit
+
     for seed in seeds:
         data = make_eval_set(train, test, seed, args.bank, args.queries, args.points, warp)
         datas.append(data)
@@ -201,7 +220,7 @@ def main(argv=None) -> None:
         for k, v in base.items():
             baselines.setdefault(k, []).append(v)
         for name, method in methods.items():
-            scores[name].append(score_method(method, data, taps, args.batch))
+            scores[name].append(scored(method, data))
             print(f"[{time.perf_counter() - t_start:7.0f}s] seed {seed} {name}: kNN best "
                   f"{max(scores[name][-1].knn.values()):.3f}, PCK@0.1 best {max(scores[name][-1].pck10.values()):.3f}",
                   flush=True)
@@ -217,11 +236,27 @@ def main(argv=None) -> None:
     for t in best_ts:
         method = ensemble_method(backbone, t, args.ensemble, taps, args.batch)
         methods[method.name] = method
-        scores[method.name] = [score_method(method, data, taps, args.batch) for data in datas]
+        scores[method.name] = [scored(method, data) for data in datas]
         print(f"[{time.perf_counter() - t_start:7.0f}s] {method.name} done", flush=True)
 
     variance = run_variance(backbone, test[0], args, out) if args.variance_images else {}
     write_results(args, out, methods, scores, baselines, taps, best_ts, variance, student_t)
+
+
+def cache_settings(args) -> dict:
+    """Everything that changes a (seed, method) score; a cache written under other settings is not reused."""
+    keep = ("model", "student", "data", "bank", "queries", "ts", "ensemble", "naive_t", "taps", "points", "batch")
+    settings = {k: getattr(args, k) for k in keep}
+    from cleandift.backbones.pixel import BUNDLED_MINI_DIR, BUNDLED_MINI_STUDENT_DIR  # noqa: PLC0415
+
+    named = {"mini": BUNDLED_MINI_DIR, "bundled": BUNDLED_MINI_STUDENT_DIR}
+    for key in ("model", "student"):  # a re-exported folder at the same path is a different model
+        path = Path(named.get(settings[key], settings[key]))
+        if path.exists():
+            files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+            settings[key + "_files"] = [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size,
+                                         p.stat().st_mtime_ns) for p in files]
+    return settings
 
 
 def run_variance(backbone, images: torch.Tensor, args, out: Path) -> dict:

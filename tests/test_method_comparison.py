@@ -26,3 +26,19 @@ def test_pixel_method_scores_like_pixel_knn_and_is_reproducible():
     assert scores.seconds_per_image > 0
     again = make_eval_set(train, test, seed=0, n_bank=45, n_queries=12, n_points=8, warp=WarpConfig())
     assert torch.equal(again.pairs.target, data.pairs.target) and torch.equal(again.bank, data.bank)
+
+
+def test_score_cache_resumes_only_matching_settings_and_survives_a_torn_line(tmp_path):
+    from cleandift.eval.method_comparison import ScoreCache, Scores
+
+    path = tmp_path / "scores.jsonl"
+    first = Scores(knn={"mid": 0.5}, pck10={"mid": 0.25}, pck05={"mid": 0.125}, seconds_per_image=0.01)
+    cache = ScoreCache(path, {"bank": 10})
+    cache.put(0, "clean t=0", first)
+    with path.open("a") as fh:  # a crash in the middle of the next write
+        fh.write('{"fingerprint": "')
+    again = ScoreCache(path, {"bank": 10})
+    assert len(again) == 1 and again.get(0, "clean t=0") == first and again.get(1, "clean t=0") is None
+    again.put(1, "clean t=0", Scores(knn={"mid": 1.0}))  # appended after the torn line, not glued to it
+    assert ScoreCache(path, {"bank": 10}).get(1, "clean t=0").knn == {"mid": 1.0}
+    assert len(ScoreCache(path, {"bank": 20})) == 0  # other settings: nothing reused

@@ -9,9 +9,13 @@ for every tap, and the seconds per image its query extraction took.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -58,6 +62,45 @@ class Scores:
     pck10: dict[str, float] = field(default_factory=dict)
     pck05: dict[str, float] = field(default_factory=dict)
     seconds_per_image: float = float("nan")
+
+
+class ScoreCache:
+    """Scores already computed, one JSON line per (seed, method), so a long comparison can resume.
+
+    The full protocol takes hours of CPU; a run that is killed keeps every finished (seed, method).
+    Lines carry a fingerprint of the settings that change the numbers: a cache written with other
+    settings is ignored, never mixed in. A line cut short by a crash is skipped.
+    """
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self._scores: dict[tuple[int, str], Scores] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("fingerprint") == self.fingerprint:
+                    self._scores[(int(row["seed"]), row["method"])] = Scores(**row["scores"])
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def get(self, seed: int, method: str) -> Scores | None:
+        return self._scores.get((seed, method))
+
+    def put(self, seed: int, method: str, scores: Scores) -> None:
+        """Record and append durably (flushed and fsynced before returning)."""
+        self._scores[(seed, method)] = scores
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"fingerprint": self.fingerprint, "seed": seed, "method": method, "scores": asdict(scores)}
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(("\n" if torn else "") + json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def make_methods(backbone, student, student_t: float, taps: list[str], ts: list[int], naive_t: int,
