@@ -214,6 +214,19 @@ def test_export_only_reads_a_run_without_touching_it(idx_dir, tmp_path):
     assert (tmp_path / "e" / "checksum.json").is_file()
 
 
+def test_exporting_a_snapshot_ignores_the_losses_of_later_steps(idx_dir, tmp_path):
+    from cleandift.cli.main import main
+
+    out = tmp_path / "run"
+    open_run(_config(out, data=str(idx_dir)), resume=False).run()  # 4 steps, snapshot at step 2
+    rows = [r.split(",") for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert main(["pretrain-mini", "--out", str(out / "step_000002.pt"), "--export-only", "--export",
+                 str(tmp_path / "e"), "--card-samples", "1", "--sample-steps", "1"]) == 0
+    card = (tmp_path / "e" / "MODEL_CARD.md").read_text()
+    first_two = (float(rows[0][1]) + float(rows[1][1])) / 2
+    assert "- 2 steps of batch" in card and f"**{first_two:.4f}**" in card
+
+
 def test_stop_request_checkpoints_the_current_step(idx_dir, tmp_path):
     trainer = open_run(_config(tmp_path / "s", data=str(idx_dir), steps=4, checkpoint_every=100), resume=False)
     trainer.stop_requested = True  # what the CLI's SIGTERM handler does

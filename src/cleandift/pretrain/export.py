@@ -95,6 +95,8 @@ def export_run(trainer: Pretrainer | RunSnapshot, folder: Path, samples_per_clas
     backbone.save(folder, dtype=torch.float16, extra={"pretrain_step": trainer.step,
                                                       "block_out_channels": list(cfg.block_out_channels)})
     steps, losses = read_loss_csv(trainer.out / "loss.csv")
+    kept = [i for i, s in enumerate(steps) if s <= trainer.step]  # a snapshot of a run that went on
+    steps, losses = [steps[i] for i in kept], [losses[i] for i in kept]
     if losses:
         plot_loss(steps, losses, folder / "loss_curve.png")
     save_sample_grid(backbone, folder / "samples.png", per_class=samples_per_class, steps=sample_steps)
