@@ -212,6 +212,7 @@ def test_export_only_reads_a_run_without_touching_it(idx_dir, tmp_path):
     assert load_pixel_backbone(tmp_path / "e").taps.names[0] == "mid"
     assert json.loads((tmp_path / "e" / "pixel_backbone.json").read_text())["pretrain_step"] == 2
     assert (tmp_path / "e" / "checksum.json").is_file()
+    assert "**Recognisable?**" in (tmp_path / "e" / "MODEL_CARD.md").read_text()
 
 
 def test_exporting_a_snapshot_ignores_the_losses_of_later_steps(idx_dir, tmp_path):
@@ -246,3 +247,30 @@ def test_trainer_reads_idx_data_padded_like_pretraining(idx_dir):
     assert item["image"].shape == (3, 32, 32)
     assert torch.equal(item["image"][0], to_model_range(images[train.indices[0]:train.indices[0] + 1])[0, 0])
     assert collate([train[0], train[1]])["images"].shape == (2, 3, 32, 32)
+
+
+def test_sample_agreement_is_one_for_true_labels_and_zero_for_wrong_ones(idx_dir):
+    from cleandift.pretrain.export import sample_agreement
+
+    images, labels = load_idx_dataset(idx_dir, "train")
+    x = to_model_range(images, 32)
+    right = sample_agreement(x, labels.long(), idx_dir, bank_size=N_IMAGES, k=1)  # nearest neighbour = itself
+    wrong = sample_agreement(x, (labels.long() + 1) % 10, idx_dir, bank_size=N_IMAGES, k=1)
+    assert right["samples"] == 1.0 and right["per_class"] == [1.0] * 10
+    assert wrong["samples"] == 0.0 and right["n"] == N_IMAGES
+
+
+def test_unguided_sampling_skips_the_null_pass_and_matches_the_guidance_formula(idx_dir, tmp_path):
+    from cleandift.pretrain.sampling import sample_images
+
+    trainer = open_run(_config(tmp_path / "run", data=str(idx_dir), steps=2), resume=False)
+    trainer.run()
+    backbone = trainer.ema_backbone()
+    calls = []
+    backbone.unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    plain = sample_images(backbone, [0, 3], steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert calls == [2, 2, 2]  # one conditional pass per step, no null-token copy
+    guided = sample_images(backbone, [0, 3], steps=3, guidance_scale=1.0 + 1e-6,
+                           generator=torch.Generator().manual_seed(0))
+    assert calls[3:] == [4, 4, 4]
+    torch.testing.assert_close(plain, guided, atol=1e-4, rtol=0)

@@ -36,14 +36,17 @@ def _sample_chunk(backbone: PixelDiffusionBackbone, scheduler, labels: torch.Ten
     n, c, r = len(labels), backbone.image_channels, backbone.resolution
     x = torch.randn((n, c, r, r), generator=generator).to(device=device, dtype=torch.float32)
     enc = backbone.label_encoder
+    guided = guidance_scale != 1.0  # w = 1 is the conditional model alone: no null-token pass needed
     null = torch.full_like(labels, enc.null_id)
-    cond = enc(torch.cat([labels, null]).to(device)).to(dtype)
+    cond = enc((torch.cat([labels, null]) if guided else labels).to(device)).to(dtype)
+    copies = 2 if guided else 1
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
-        eps = backbone.unet(torch.cat([x, x]).to(dtype), t.to(device).expand(2 * n), encoder_hidden_states=cond,
-                            return_dict=False)[0].float()
-        eps_c, eps_u = eps.chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        eps = backbone.unet(torch.cat([x] * copies).to(dtype), t.to(device).expand(copies * n),
+                            encoder_hidden_states=cond, return_dict=False)[0].float()
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
         kwargs = {"generator": generator} if generator is not None else {}
         x = scheduler.step(eps.cpu(), t, x.cpu(), **kwargs).prev_sample.to(device)
     return x.clamp(-1, 1)
