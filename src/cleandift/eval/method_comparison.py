@@ -96,11 +96,17 @@ class ScoreCache:
         self._scores[(seed, method)] = scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"fingerprint": self.fingerprint, "seed": seed, "method": method, "scores": asdict(scores)}
-        torn = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and _last_byte(self.path) != b"\n"
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(("\n" if torn else "") + json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
 
 
 def make_methods(backbone, student, student_t: float, taps: list[str], ts: list[int], naive_t: int,
