@@ -260,6 +260,15 @@ def test_sample_agreement_is_one_for_true_labels_and_zero_for_wrong_ones(idx_dir
     assert wrong["samples"] == 0.0 and right["n"] == N_IMAGES
 
 
+def test_agreement_text_derives_chance_and_k_from_the_measurement():
+    from cleandift.pretrain.export import agreement_markdown
+
+    agreement = {"samples": 0.5, "per_class": [1.0, 0.5, 0.0, 0.5], "real_test": 0.75, "n": 8, "bank": 100, "k": 3}
+    text = agreement_markdown(agreement, ["a", "b", "c", "d"])
+    assert "k = 3" in text and "chance 25 %" in text and "**50.0 %** of 8 samples" in text
+    assert "a 100, b 50, c 0, d 50" in text and "75.0 % on 8 real test images" in text
+
+
 def test_unguided_sampling_skips_the_null_pass_and_matches_the_guidance_formula(idx_dir, tmp_path):
     from cleandift.pretrain.sampling import sample_images
 

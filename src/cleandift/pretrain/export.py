@@ -92,7 +92,7 @@ def save_sample_grid(images: torch.Tensor, path: Path, per_class: int) -> Path:
 
 def sample_agreement(images: torch.Tensor, labels: torch.Tensor, data: str | Path, bank_size: int = 10_000,
                      k: int = 10) -> dict:
-    """Are the samples recognisable? A raw-pixel kNN classifier (k = 10, cosine, ``bank_size`` training
+    """Are the samples recognisable? A raw-pixel kNN classifier (cosine, ``k`` neighbours, ``bank_size`` training
     images) labels them; the share it assigns to the class they were conditioned on is the measure, next
     to the same classifier's accuracy on as many real test images (its ceiling). Independent of the model's
     own features, so it cannot flatter them.
@@ -108,7 +108,7 @@ def sample_agreement(images: torch.Tensor, labels: torch.Tensor, data: str | Pat
     real = knn_top1(bank, bank_labels, to_model_range(xt[: len(images)], resolution).flatten(1),
                     yt[: len(images)].long(), k=k)
     return {"samples": sum(per_class) / n_classes, "per_class": per_class, "real_test": real,
-            "n": len(images), "bank": bank_size}
+            "n": len(images), "bank": bank_size, "k": k}
 
 
 def tap_table_markdown(backbone: PixelDiffusionBackbone) -> str:
@@ -156,9 +156,10 @@ def agreement_markdown(agreement: dict | None, class_names: list[str]) -> str:
     if "error" in agreement:
         return f"Recognisability not measured ({agreement['error']})."
     per = ", ".join(f"{name} {100 * a:.0f}" for name, a in zip(class_names, agreement["per_class"]))
-    return (f"**Recognisable?** A raw-pixel kNN classifier (k = 10, cosine, {agreement['bank']:,} training images) "
+    chance = 100 / len(class_names)
+    return (f"**Recognisable?** A raw-pixel kNN classifier (k = {agreement.get('k', 10)}, cosine, {agreement['bank']:,} training images) "
             f"assigns **{100 * agreement['samples']:.1f} %** of {agreement['n']} samples to the class they were "
-            f"conditioned on (chance 10 %; the same classifier scores {100 * agreement['real_test']:.1f} % on "
+            f"conditioned on (chance {chance:.3g} %; the same classifier scores {100 * agreement['real_test']:.1f} % on "
             f"{agreement['n']} real test images). Per class, %: {per}.")
 
 
