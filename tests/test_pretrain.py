@@ -283,3 +283,20 @@ def test_unguided_sampling_skips_the_null_pass_and_matches_the_guidance_formula(
                            generator=torch.Generator().manual_seed(0))
     assert calls[3:] == [4, 4, 4]
     torch.testing.assert_close(plain, guided, atol=1e-4, rtol=0)
+
+
+def test_scheduler_options_reach_the_sampler(idx_dir, tmp_path):
+    """DDIM's last step returns the predicted x0 (final alpha = 1), so clipping it to 0.1 bounds the output."""
+    from cleandift.pretrain.sampling import sample_images
+
+    trainer = open_run(_config(tmp_path / "run", data=str(idx_dir), steps=1), resume=False)
+    trainer.run()
+    backbone = trainer.ema_backbone()
+    kwargs = {"steps": 3, "guidance_scale": 3.0, "generator": torch.Generator().manual_seed(0)}
+    plain = sample_images(backbone, [0, 1, 2], **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    clipped = sample_images(backbone, [0, 1, 2], scheduler_options={"clip_sample": True, "clip_sample_range": 0.1},
+                            **kwargs)
+    assert plain.abs().max() > 0.1
+    assert clipped.abs().max() <= 0.1 + 1e-6
+

@@ -72,11 +72,12 @@ CARD_GUIDANCE = 1.0
 
 
 def class_samples(backbone: PixelDiffusionBackbone, per_class: int, steps: int = 50,
-                  guidance_scale: float = CARD_GUIDANCE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` DDIM samples of every class (class-major order) and their labels."""
+                  guidance_scale: float = CARD_GUIDANCE, seed: int = 0, sampler: str = "ddim",
+                  scheduler_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of every class (class-major order) and their labels."""
     labels = torch.arange(len(backbone.class_names)).repeat_interleave(per_class)
-    images = sample_images(backbone, labels, steps=steps, guidance_scale=guidance_scale,
-                           generator=torch.Generator().manual_seed(seed))
+    images = sample_images(backbone, labels, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                           generator=torch.Generator().manual_seed(seed), scheduler_options=scheduler_options)
     return images, labels
 
 

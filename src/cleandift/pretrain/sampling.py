@@ -12,18 +12,21 @@ from ..backbones.pixel import PixelDiffusionBackbone
 @torch.no_grad()
 def sample_images(backbone: PixelDiffusionBackbone, labels: Sequence[int] | torch.Tensor, steps: int = 50,
                   guidance_scale: float = 2.0, sampler: Literal["ddim", "ddpm"] = "ddim",
-                  generator: torch.Generator | None = None, chunk_size: int = 100) -> torch.Tensor:
+                  generator: torch.Generator | None = None, chunk_size: int = 100,
+                  scheduler_options: dict | None = None) -> torch.Tensor:
     """Images ``(N, C, R, R)`` in ``[-1, 1]`` for label ids (``null_id`` = unconditional).
 
     Classifier-free guidance mixes the conditional and null-token predictions:
     ``eps = eps_null + w * (eps_label - eps_null)`` (``w = 1`` turns it off). Noise comes from
-    ``generator`` (CPU) so a seed reproduces a grid on any device.
+    ``generator`` (CPU) so a seed reproduces a grid on any device. ``scheduler_options`` override the
+    backbone's scheduler config for sampling only (e.g. ``{"thresholding": True}`` for Imagen's dynamic
+    thresholding, ``{"clip_sample": False}``).
     """
     from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415
 
     labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    scheduler = cls.from_config(dict(backbone.scheduler.config))
+    scheduler = cls.from_config({**dict(backbone.scheduler.config), **(scheduler_options or {})})
     out = []
     for chunk in labels.split(chunk_size):
         out.append(_sample_chunk(backbone, scheduler, chunk, steps, guidance_scale, generator))
