@@ -66,15 +66,15 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
 
 
 def summary_table(methods: dict[str, Method], scores: dict[str, list[Scores]]) -> list[str]:
-    lines = ["| method | U-Net passes | s / image | kNN top-1 (best tap) | PCK@0.1 (best tap) | PCK@0.05 (best tap) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | U-Net passes | ms / image (median over seeds) | kNN top-1 (best tap) | PCK@0.1 (best tap) "
+             "| PCK@0.05 (best tap) |", "|---|---|---|---|---|---|"]
     for name, per_seed in scores.items():
         cells = []
         for metric in ("knn", "pck10", "pck05"):
             tap = best_tap(per_seed, metric)
             cells.append(f"{fmt([getattr(s, metric)[tap] for s in per_seed])} ({tap})")
         secs = statistics.median(s.seconds_per_image for s in per_seed)
-        lines.append(f"| {name} | {methods[name].passes} | {secs * 1000:.2f} ms | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {methods[name].passes} | {secs * 1000:.2f} | " + " | ".join(cells) + " |")
     return lines
 
 
