@@ -8,11 +8,13 @@ and labels them with the raw-pixel kNN classifier of the model card
 (:func:`cleandift.pretrain.export.sample_agreement`); the share that gets the class it was conditioned
 on is the score (chance = 1 / classes). Variants change only the sampler's config, never the model:
 
-* ``clip``: the model's own scheduler config (``clip_sample`` as trained, range 1);
-* ``noclip``: no clipping of the predicted x0;
-* ``dynamic``: Imagen's dynamic thresholding (per-sample percentile 0.995, max 1), the usual remedy for
-  saturation under strong guidance in pixel space;
-* ``ddpm``: ancestral DDPM sampling with the model's config instead of DDIM.
+* ``clip``: DDIM clamps the predicted x0 to [-1, 1] (``clip_sample``, diffusers' ``DDPMScheduler`` default
+  and the pixel scheduler's setting before release 1's card);
+* ``noclip``: no clipping of the predicted x0 (SD's setting, and the pixel scheduler's now);
+* ``dynamic``: Imagen's dynamic thresholding (per-sample 99.5th percentile s of |x0|, at least 1, at most
+  10; x0 clipped to [-s, s] and divided by s), the usual remedy for saturation under strong guidance in
+  pixel space. diffusers bounds s by ``sample_max_value``: at 1 it is plain clipping;
+* ``ddpm``: ancestral DDPM sampling with the model's own config instead of DDIM.
 
 Prints a markdown table and writes it with the raw numbers to ``--out`` (JSON + .md).
 """
@@ -27,10 +29,10 @@ from pathlib import Path
 import torch
 
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "clip": ("ddim", {}),
+    "clip": ("ddim", {"clip_sample": True, "clip_sample_range": 1.0}),
     "noclip": ("ddim", {"clip_sample": False}),
     "dynamic": ("ddim", {"clip_sample": False, "thresholding": True, "dynamic_thresholding_ratio": 0.995,
-                         "sample_max_value": 1.0}),
+                         "sample_max_value": 10.0}),
     "ddpm": ("ddpm", {}),
 }
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bundled", help="'bundled' or an exported pixel-backbone folder")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    p.add_argument("--variants", nargs="+", default=["clip", "dynamic"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["clip", "noclip", "dynamic"], choices=sorted(VARIANTS))
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (DDPM uses them as its own spacing)")
     p.add_argument("--seed", type=int, default=0)

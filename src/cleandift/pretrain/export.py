@@ -65,10 +65,10 @@ def plot_loss(steps: list[int], losses: list[float], path: Path) -> Path:
     return path
 
 
-# Classifier-free guidance of the card's samples. 1.0 = the plain conditional model: on the project's
-# mini model guidance made samples *less* recognisable (pixel-kNN agreement at step 8,000: 71 % at w = 1,
-# 62 % at 1.5, 27 % at 2, 3 % at 4), so the card shows what the model itself learned.
-CARD_GUIDANCE = 1.0
+# Classifier-free guidance of the card's samples. Measured on release 1 (benchmarks/mini_guidance.py,
+# pixel-kNN agreement, 10 samples per class): w = 2 gives 93 % against 73 % unguided, once DDIM no longer
+# clips the predicted x0 (with clipping guidance broke the samples: 25 % at w = 2).
+CARD_GUIDANCE = 2.0
 
 
 def class_samples(backbone: PixelDiffusionBackbone, per_class: int, steps: int = 50,
@@ -240,8 +240,8 @@ def model_card(backbone: PixelDiffusionBackbone, trainer: Pretrainer | RunSnapsh
         "![loss curve](loss_curve.png)",
         "",
         "## Samples",
-        f"DDIM, {sample_steps} steps, guidance {CARD_GUIDANCE} (the plain conditional model; classifier-free "
-        f"guidance made this model's samples less recognisable), one row per class "
+        f"DDIM, {sample_steps} steps, classifier-free guidance {CARD_GUIDANCE:g}, predicted x0 not clipped "
+        f"(clipping it broke guided samples), one row per class "
         f"({', '.join(backbone.class_names)}).",
         "",
         "![samples](samples.png)",
