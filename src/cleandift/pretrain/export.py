@@ -93,9 +93,9 @@ def save_sample_grid(images: torch.Tensor, path: Path, per_class: int) -> Path:
 
 def sample_agreement(images: torch.Tensor, labels: torch.Tensor, data: str | Path, bank_size: int = 10_000,
                      k: int = 10) -> dict:
-    """Are the samples recognisable? A raw-pixel kNN classifier (cosine, ``k`` neighbours, ``bank_size`` training
-    images) labels them; the share it assigns to the class they were conditioned on is the measure, next
-    to the same classifier's accuracy on as many real test images (its ceiling). Independent of the model's
+    """Are the samples recognisable? A raw-pixel kNN classifier (cosine, ``k`` neighbours, ``bank_size``
+    training images) labels them; the share it assigns to the class they were conditioned on is the
+    measure, next to the same classifier's accuracy on as many real test images (its ceiling). Independent of the model's
     own features, so it cannot flatter them.
     """
     resolution = images.shape[-1]
@@ -158,10 +158,11 @@ def agreement_markdown(agreement: dict | None, class_names: list[str]) -> str:
         return f"Recognisability not measured ({agreement['error']})."
     per = ", ".join(f"{name} {100 * a:.0f}" for name, a in zip(class_names, agreement["per_class"]))
     chance = 100 / len(class_names)
-    return (f"**Recognisable?** A raw-pixel kNN classifier (k = {agreement.get('k', 10)}, cosine, {agreement['bank']:,} training images) "
-            f"assigns **{100 * agreement['samples']:.1f} %** of {agreement['n']} samples to the class they were "
-            f"conditioned on (chance {chance:.3g} %; the same classifier scores {100 * agreement['real_test']:.1f} % on "
-            f"{agreement['n']} real test images). Per class, %: {per}.")
+    return (f"**Recognisable?** A raw-pixel kNN classifier (k = {agreement.get('k', 10)}, cosine, "
+            f"{agreement['bank']:,} training images) assigns **{100 * agreement['samples']:.1f} %** of "
+            f"{agreement['n']} samples to the class they were conditioned on (chance {chance:.3g} %; the same "
+            f"classifier scores {100 * agreement['real_test']:.1f} % on {agreement['n']} real test images). "
+            f"Per class, %: {per}.")
 
 
 def knn_markdown(knn: dict) -> str:

@@ -19,8 +19,8 @@ def sample_images(backbone: PixelDiffusionBackbone, labels: Sequence[int] | torc
     Classifier-free guidance mixes the conditional and null-token predictions:
     ``eps = eps_null + w * (eps_label - eps_null)`` (``w = 1`` turns it off). Noise comes from
     ``generator`` (CPU) so a seed reproduces a grid on any device. ``scheduler_options`` override the
-    backbone's scheduler config for sampling only (e.g. ``{"thresholding": True}`` for Imagen's dynamic
-    thresholding, ``{"clip_sample": False}``).
+    backbone's scheduler config for sampling only (e.g. ``{"clip_sample": True}``; see
+    ``benchmarks/mini_guidance.py`` for why the pixel scheduler leaves it off).
     """
     from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415
 
