@@ -9,7 +9,9 @@ and labels them with the raw-pixel kNN classifier of the model card
 on is the score (chance = 1 / classes). Variants change only the sampler's config, never the model:
 
 * ``clip``: DDIM clamps the predicted x0 to [-1, 1] (``clip_sample``, diffusers' ``DDPMScheduler`` default
-  and the pixel scheduler's setting before release 1's card);
+  and the pixel scheduler's setting before release 1's card). ``sample_images`` now re-derives the noise
+  from the clipped x0; ``results/mini_guidance.md`` was measured before that, with diffusers' default
+  (clipped x0, unclipped noise), and ``results/mini_guidance_clip_rederived.md`` after;
 * ``noclip``: no clipping of the predicted x0 (SD's setting, and the pixel scheduler's now);
 * ``dynamic``: Imagen's dynamic thresholding (per-sample 99.5th percentile s of |x0|, at least 1, at most
   10; x0 clipped to [-s, s] and divided by s), the usual remedy for saturation under strong guidance in
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cleandift.backbones.pixel import load_bundled_mini, load_pixel_backbone
     from cleandift.pretrain.export import class_samples, sample_agreement
+    from cleandift.pretrain.idx import load_idx_dataset, to_model_range
 
     backbone = load_bundled_mini() if args.model == "bundled" else load_pixel_backbone(args.model)
     rows = []
@@ -69,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
                          "per_class": agreement["per_class"], "saturated": saturated, "seconds": seconds})
             print(f"{variant:8s} w={w:<4g} agreement {100 * agreement['samples']:5.1f} %  "
                   f"white pixels {100 * saturated:5.1f} %  ({seconds:.0f} s)", flush=True)
-    from cleandift.pretrain.idx import load_idx_dataset, to_model_range
-
     real, _ = load_idx_dataset(args.data, "test")
     real_bright = bright_share(to_model_range(real[:1000], backbone.resolution))
     table = markdown(rows, args.w, args.variants)
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows, "real_bright": real_bright}, indent=1))
+    record = {"settings": vars(args), "rows": rows, "real_bright": real_bright}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
     return 0
 

@@ -300,3 +300,32 @@ def test_scheduler_options_reach_the_sampler(idx_dir, tmp_path):
     assert plain.abs().max() > 0.1
     assert clipped.abs().max() <= 0.1 + 1e-6
 
+
+def test_clipped_ddim_step_rederives_the_noise_from_the_clipped_x0(idx_dir, tmp_path):
+    """One DDIM step by hand: x0 = (x - sqrt(1 - a) eps) / sqrt(a), clipped to r; eps re-derived from the
+    clipped x0; next x = sqrt(a') x0c + sqrt(1 - a') eps'. The U-Net's second input must be exactly that."""
+    from diffusers import DDIMScheduler
+
+    from cleandift.pretrain.sampling import sample_images
+
+    trainer = open_run(_config(tmp_path / "run", data=str(idx_dir), steps=1), resume=False)
+    trainer.run()
+    backbone = trainer.ema_backbone()
+    seen = []
+    backbone.unet.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], out[0])),
+                                        with_kwargs=True)
+    options = {"clip_sample": True, "clip_sample_range": 0.05}
+    sample_images(backbone, [0, 1], steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                  scheduler_options=options)
+    sched = DDIMScheduler.from_config({**dict(backbone.scheduler.config), **options})
+    sched.set_timesteps(2)
+    t, t_next = sched.timesteps.tolist()
+    a, a_next = sched.alphas_cumprod[t].double(), sched.alphas_cumprod[t_next].double()
+    (x, eps), (x_next, _) = seen[0], seen[1]
+    x, eps = x.double(), eps.double()
+    x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-0.05, 0.05)
+    eps_rederived = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    expected = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps_rederived
+    assert not torch.allclose(eps_rederived, eps, atol=1e-3)  # clipping did act
+    torch.testing.assert_close(x_next.double(), expected, atol=1e-5, rtol=1e-5)
+

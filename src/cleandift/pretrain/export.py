@@ -95,8 +95,8 @@ def sample_agreement(images: torch.Tensor, labels: torch.Tensor, data: str | Pat
                      k: int = 10) -> dict:
     """Are the samples recognisable? A raw-pixel kNN classifier (cosine, ``k`` neighbours, ``bank_size``
     training images) labels them; the share it assigns to the class they were conditioned on is the
-    measure, next to the same classifier's accuracy on as many real test images (its ceiling). Independent of the model's
-    own features, so it cannot flatter them.
+    measure, next to the same classifier's accuracy on as many real test images (its ceiling).
+    Independent of the model's own features, so it cannot flatter them.
     """
     resolution = images.shape[-1]
     xb, yb = load_idx_dataset(data, "train")

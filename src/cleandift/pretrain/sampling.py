@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..backbones.pixel import PixelDiffusionBackbone
 
@@ -22,8 +23,6 @@ def sample_images(backbone: PixelDiffusionBackbone, labels: Sequence[int] | torc
     backbone's scheduler config for sampling only (e.g. ``{"clip_sample": True}``; see
     ``benchmarks/mini_guidance.py`` for why the pixel scheduler leaves it off).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler  # noqa: PLC0415
-
     labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
     scheduler = cls.from_config({**dict(backbone.scheduler.config), **(scheduler_options or {})})
@@ -33,8 +32,9 @@ def sample_images(backbone: PixelDiffusionBackbone, labels: Sequence[int] | torc
     return torch.cat(out)
 
 
-def _sample_chunk(backbone: PixelDiffusionBackbone, scheduler, labels: torch.Tensor, steps: int,
-                  guidance_scale: float, generator: torch.Generator | None) -> torch.Tensor:
+def _sample_chunk(backbone: PixelDiffusionBackbone, scheduler: DDIMScheduler | DDPMScheduler,
+                  labels: torch.Tensor, steps: int, guidance_scale: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
     device, dtype = backbone.device, backbone.dtype
     n, c, r = len(labels), backbone.image_channels, backbone.resolution
     x = torch.randn((n, c, r, r), generator=generator).to(device=device, dtype=torch.float32)
@@ -44,14 +44,18 @@ def _sample_chunk(backbone: PixelDiffusionBackbone, scheduler, labels: torch.Ten
     cond = enc((torch.cat([labels, null]) if guided else labels).to(device)).to(dtype)
     copies = 2 if guided else 1
     scheduler.set_timesteps(steps)
+    step_kwargs = {"generator": generator} if generator is not None else {}
+    if isinstance(scheduler, DDIMScheduler):
+        # If x0 is clipped, re-derive the noise from the clipped x0 (as GLIDE does): diffusers' default pairs
+        # the clipped x0 with the unclipped noise, which broke guided samples (benchmarks/mini_guidance.py).
+        step_kwargs["use_clipped_model_output"] = True
     for t in scheduler.timesteps:
         eps = backbone.unet(torch.cat([x] * copies).to(dtype), t.to(device).expand(copies * n),
                             encoder_hidden_states=cond, return_dict=False)[0].float()
         if guided:
             eps_c, eps_u = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-        kwargs = {"generator": generator} if generator is not None else {}
-        x = scheduler.step(eps.cpu(), t, x.cpu(), **kwargs).prev_sample.to(device)
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x.clamp(-1, 1)
 
 
