@@ -138,12 +138,12 @@ def test_cli_knn_on_tiny_model(tmp_path, tiny_pipeline_dir):
     out = tmp_path / "knn.json"
     args = _probe_parser().parse_args([
         "knn", "--root", str(root), "--model", str(tiny_pipeline_dir), "--device", "cpu", "--mode", "clean",
-        "--taps", "mid,us6", "--size", "64", "--k", "1", "--out", str(out), "--no-progress"])
+        "--taps", "mid,us6", "--size", "64", "--k", "1", "--readout", "avg+max", "--out", str(out), "--no-progress"])
     assert args.func(args) == 0
     result = json.loads(out.read_text())
     assert result["task"] == "knn" and result["metrics"]["num_samples"] == 2
     assert 0.0 <= result["metrics"]["top1"] <= 1.0
-    assert result["config"]["knn"]["k"] == 1
+    assert result["config"]["knn"]["k"] == 1 and result["config"]["pool"] == "avg+max"
 
 
 def test_cli_knn_empty_split_is_a_clear_error(tmp_path):
@@ -152,3 +152,20 @@ def test_cli_knn_empty_split_is_a_clear_error(tmp_path):
     args = _probe_parser().parse_args(["knn", "--root", str(root), "--no-progress"])
     with pytest.raises(DatasetError, match="no images"):
         args.func(args)
+
+
+def test_knn_readout_option_reaches_the_features(tmp_path):
+    """``grid2`` keeps 4x the dimensions of ``avg``; an unknown readout fails when the config is built."""
+    from cleandift.eval.knn import pooled_features
+
+    root = write_image_folder(tmp_path, {"train": 1})
+    train = ImageFolderDataset(root, "train")
+    spec = FeatureSpec(taps="f", size=32)
+    avg, _ = pooled_features(PoolExtractor(), train, spec, progress=False)
+    grid, _ = pooled_features(PoolExtractor(), train, spec, progress=False, readout="grid2")
+    assert avg.shape == (3, 3) and grid.shape == (3, 12)
+    assert torch.allclose(grid.view(3, 3, 4).mean(-1), avg, atol=1e-5)  # the quadrant means average to the mean
+    result = run_knn(PoolExtractor(), train, train, spec, KNNConfig(k=1, readout="max"), progress=False)
+    assert result.metrics["top1"] == 1.0 and result.config["pool"] == "max"
+    with pytest.raises(ValueError, match="unknown kNN readout"):
+        KNNConfig(readout="median")

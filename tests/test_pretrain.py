@@ -153,6 +153,51 @@ def test_resume_refuses_changed_settings_and_new_run_refuses_existing(idx_dir, t
     assert resumed.step == 2 and resumed.config.threads == 2
 
 
+def test_init_from_with_an_unchanged_recipe_equals_the_uninterrupted_run(idx_dir, tmp_path):
+    straight = open_run(_config(tmp_path / "a", data=str(idx_dir)), resume=False)
+    straight.run()
+    open_run(_config(tmp_path / "src", data=str(idx_dir)), resume=False).run(max_steps=2)
+    cont = open_run(_config(tmp_path / "b", data=str(idx_dir), init_from=str(tmp_path / "src" / CHECKPOINT)),
+                    resume=False)
+    assert cont.step == 2
+    cont.run()
+    a, b = straight.state_dict(), cont.state_dict()
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    rows = (tmp_path / "b" / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3", "4"]  # the new run logs only its own steps
+
+
+def test_init_from_changes_the_recipe_and_checks_the_model(idx_dir, tmp_path):
+    src = tmp_path / "src" / CHECKPOINT
+    open_run(_config(tmp_path / "src", data=str(idx_dir), steps=2), resume=False).run()
+    source = torch.load(src, weights_only=False)
+    cfg = _config(tmp_path / "ft", data=str(idx_dir), steps=6, label_dropout=0.5, lr=5e-4, init_from=str(src))
+    ft = open_run(cfg, resume=False)
+    assert ft.step == 2 and all(torch.equal(v, source["model"][k]) for k, v in ft.model.state_dict().items())
+    # the new schedule at the inherited step: 5e-4 * (0.1 + 0.9 * 0.5 * (1 + cos(0))) with warmup 2, total 6
+    assert ft.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    ft.run(max_steps=1)
+    assert ft.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_lambda(3, 2, 6, 0.1))
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["init_from"] == str(src)
+    resumed = open_run(_config(tmp_path / "ft", data=str(idx_dir), steps=6, label_dropout=0.5, lr=5e-4),
+                       resume=True)
+    assert resumed.step == 3 and resumed.config.label_dropout == 0.5
+    with pytest.raises(CleanDIFTError, match="block_out_channels"):
+        open_run(_config(tmp_path / "x1", data=str(idx_dir), steps=6, init_from=str(src),
+                         block_out_channels=(8, 16, 16, 32)), resume=False)
+    with pytest.raises(ConfigError, match="already at step 2"):
+        open_run(_config(tmp_path / "x2", data=str(idx_dir), steps=2, init_from=str(src)), resume=False)
+    with pytest.raises(CleanDIFTError, match="not a full pretrain-mini checkpoint"):
+        open_run(_config(tmp_path / "x3", data=str(idx_dir), steps=6,
+                         init_from=str(tmp_path / "src" / "step_000002.pt")), resume=False)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        open_run(_config(tmp_path / "x4", data=str(idx_dir), steps=6, init_from=str(tmp_path / "nope.pt")),
+                 resume=False)
+    assert not (tmp_path / "x1").exists()  # a refused start leaves no run folder behind
+
+
 def test_cli_trains_resumes_and_exports(idx_dir, tmp_path, capsys):
     from cleandift.backbones.pixel import load_pixel_backbone
     from cleandift.cli.main import main
@@ -174,6 +219,11 @@ def test_cli_trains_resumes_and_exports(idx_dir, tmp_path, capsys):
     with safe_open(str(weights), "pt") as fh:
         assert all(fh.get_tensor(k).dtype == torch.float16 for k in fh.keys())
     assert main(["pretrain-mini", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    ft = ["pretrain-mini", "--data", str(idx_dir), "--out", str(tmp_path / "ft"), "--steps", "4", "--batch-size", "4",
+          "--channels", "8,16,16,24", "--no-progress", "--label-dropout", "0.5", "--init-from", str(out / CHECKPOINT)]
+    assert main(ft) == 0
+    state = torch.load(tmp_path / "ft" / CHECKPOINT, weights_only=False)
+    assert state["step"] == 4 and state["config"]["label_dropout"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ probe

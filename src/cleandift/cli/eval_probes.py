@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..eval.pooling import READOUTS
 from .common import add_model_args, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ def add_probe_commands(task_subparsers) -> None:
     knn.add_argument("--weighting", default="majority", choices=("majority", "temperature"),
                      help="majority vote or DINO's exp(sim/T) weighting (default majority)")
     knn.add_argument("--temperature", type=float, default=0.07, help="T of temperature weighting (default 0.07)")
+    knn.add_argument("--readout", default="avg", choices=READOUTS,
+                     help="how a tap map becomes a vector: global avg (the protocol's default), max, avg+max, "
+                          "avg+std, or a 2x2 / 4x4 grid (keeps coarse layout, so not global pooling)")
     knn.set_defaults(func=run_knn_command)
 
 
@@ -218,7 +222,8 @@ def run_knn_command(args: argparse.Namespace) -> int:
     backbone, student, t_student = load_model(args)
     extractor = make_extractor(args, backbone, student, t_student)
     result = run_knn(extractor, train_set, eval_set, feature_spec(args),
-                     KNNConfig(k=args.k, weighting=args.weighting, temperature=args.temperature), args.cache_dir,
+                     KNNConfig(k=args.k, weighting=args.weighting, temperature=args.temperature,
+                               readout=args.readout), args.cache_dir,
                      not args.no_progress)
     _write_results(args, result, extractor)
     return 0

@@ -46,6 +46,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", default=None, metavar="LAST_PT",
+                   help="start a new run in --out from another run's last.pt (weights, EMA, optimizer, step) and "
+                        "continue it under this command's recipe, e.g. a different --label-dropout; --steps is "
+                        "the new total and must exceed the checkpoint's step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="after training (or right away with --steps 0 / a finished run) write the EMA model "
@@ -76,7 +80,7 @@ def _config(args: argparse.Namespace):
                           label_dropout=args.label_dropout, block_out_channels=channels, seed=args.seed,
                           bf16=args.bf16, threads=args.threads, checkpoint_every=args.checkpoint_every,
                           snapshot_every=args.snapshot_every, log_every=args.log_every,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, init_from=args.init_from)
 
 
 def run(args: argparse.Namespace) -> int:

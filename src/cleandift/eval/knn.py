@@ -1,8 +1,9 @@
 """ImageNet-style kNN classification on pooled diffusion features (paper §4.5).
 
 Protocol: every image's tap map is globally average-pooled (the paper says "pooled"; average is our
-named default), train and query vectors are L2-normalised, and each query takes the majority class
-of its ``k = 10`` most cosine-similar training images. ``weighting="temperature"`` instead sums
+named default, ``KNNConfig.readout`` picks another readout of :mod:`.pooling`), train and query
+vectors are L2-normalised, and each query takes the majority class of its ``k = 10`` most
+cosine-similar training images. ``weighting="temperature"`` instead sums
 ``exp(sim / T)`` per class (DINO's weighted kNN, ``T = 0.07``).
 
 Tie-breaking (majority vote): among the classes with the most votes, the one whose best-ranked
@@ -26,6 +27,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..images import IMAGE_SUFFIXES, load_image
+from .pooling import READOUTS, Readout
 from .probe_common import (
     Extractor, FeatureSpec, ProbeResult, collect_features, dataset_id, feature_settings, open_cache,
 )
@@ -168,17 +170,26 @@ class KNNAccuracy:
 # ---------------------------------------------------------------------------------------------- protocol
 @dataclass
 class KNNConfig:
-    """kNN options (paper: k = 10, cosine; majority vote is our default, ``temperature`` is DINO's)."""
+    """kNN options (paper: k = 10, cosine; majority vote is our default, ``temperature`` is DINO's).
+
+    ``readout`` turns each tap map into a vector (:mod:`.pooling`); ``avg`` is the protocol's.
+    """
 
     k: int = 10
     weighting: Weighting = "majority"
     temperature: float = 0.07
+    readout: Readout = "avg"
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown kNN readout {self.readout!r}; choose one of {', '.join(READOUTS)}")
 
 
 def pooled_features(extractor: Extractor, dataset: Sequence, spec: FeatureSpec, cache=None,
-                    progress: bool = True, desc: str = "knn features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Globally average-pooled features ``(N, C)`` and labels ``(N,)`` of a labelled dataset."""
-    feats, labels = collect_features(extractor, dataset, spec, lambda s, tf, f: s.label, cache, pool="avg",
+                    progress: bool = True, desc: str = "knn features", readout: Readout = "avg"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features ``(N, D)`` (global average by default) and labels ``(N,)`` of a labelled dataset."""
+    feats, labels = collect_features(extractor, dataset, spec, lambda s, tf, f: s.label, cache, pool=readout,
                                      desc=desc, progress=progress)
     return torch.stack(list(feats)), torch.tensor(labels, dtype=torch.long)
 
@@ -188,14 +199,17 @@ def run_knn(extractor: Extractor, train_set: Sequence, eval_set: Sequence, spec:
             progress: bool = True) -> ProbeResult:
     """Pool features of both splits, classify ``eval_set`` by kNN over ``train_set``, report top-1."""
     spec, config = spec or FeatureSpec(), config or KNNConfig()
-    caches = [open_cache(cache_dir, lambda d=d: feature_settings(extractor, spec, dataset_id(d), "avg"))
+    readout = config.readout
+    caches = [open_cache(cache_dir, lambda d=d: feature_settings(extractor, spec, dataset_id(d), readout))
               for d in (train_set, eval_set)]
-    train_x, train_y = pooled_features(extractor, train_set, spec, caches[0], progress, "knn features (train)")
-    query_x, query_y = pooled_features(extractor, eval_set, spec, caches[1], progress, "knn features (eval)")
+    train_x, train_y = pooled_features(extractor, train_set, spec, caches[0], progress, "knn features (train)",
+                                       readout)
+    query_x, query_y = pooled_features(extractor, eval_set, spec, caches[1], progress, "knn features (eval)",
+                                       readout)
     num_classes = len(getattr(train_set, "classes", [])) or int(max(train_y.max(), query_y.max())) + 1
     pred = knn_predict(train_x, train_y, query_x, config.k, num_classes, config.weighting, config.temperature)
     metric = KNNAccuracy()
     metric.update(pred, query_y)
-    run_config = {"features": asdict(spec), "knn": asdict(config), "pool": "avg",
+    run_config = {"features": asdict(spec), "knn": asdict(config), "pool": readout,
                   "train_set": dataset_id(train_set), "eval_set": dataset_id(eval_set)}
     return ProbeResult("knn", metric.compute(), run_config)

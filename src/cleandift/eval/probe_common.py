@@ -32,9 +32,11 @@ from tqdm import tqdm
 from ..errors import DatasetError
 from ..features import points_to_grid
 from ..images import ResizePolicy, ResizeTransform, image_to_tensor, resize_image
+from .pooling import Readout, pool_map
 
 Extractor = Callable[..., dict[str, torch.Tensor]]
-Pooling = Literal["none", "avg"]
+#: ``"none"`` keeps the maps (dense probes); anything else is a kNN readout of :mod:`.pooling`.
+Pooling = Literal["none", Readout]
 
 
 class Sample(Protocol):
@@ -199,22 +201,21 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 def call_extractor(extractor: Extractor, images: torch.Tensor, spec: FeatureSpec,
                    generator: torch.Generator | None = None, pool: Pooling = "none") -> torch.Tensor:
-    """Features of a batch with taps combined: ``(B, C, h, w)``, or ``(B, C)`` with ``pool="avg"``.
+    """Features of a batch with taps combined: ``(B, C, h, w)``, or ``(B, D)`` with a readout ``pool``.
 
-    ``avg`` is global average pooling of every tap before concatenation (the kNN protocol). The
-    generator is passed only to extractors that accept one (noisy extraction).
+    A readout (:func:`~cleandift.eval.pooling.pool_map`; ``avg``, global average pooling, is the kNN
+    protocol) is applied to every tap before concatenation. The generator is passed only to
+    extractors that accept one (noisy extraction).
     """
     taps = spec.tap_list()
     kwargs: dict = {"prompts": spec.prompt, "taps": taps}
     if generator is not None and _accepts(extractor, "generator"):
         kwargs["generator"] = generator
     feats = extractor(images, **kwargs)
-    if pool == "avg":
-        names = taps if taps is not None else list(feats)
-        return torch.cat([feats[t].float().mean(dim=(-2, -1)) for t in names], dim=1)
-    if pool != "none":
-        raise ValueError(f"pool must be 'none' or 'avg', got {pool!r}")
-    return combine_taps(feats, taps)
+    if pool == "none":
+        return combine_taps(feats, taps)
+    names = taps if taps is not None else list(feats)
+    return torch.cat([pool_map(feats[t], pool) for t in names], dim=1)
 
 
 def extractor_identity(extractor: Extractor) -> dict:
@@ -310,8 +311,8 @@ def iter_features(extractor: Extractor, dataset: Sequence, spec: FeatureSpec, ca
                   ) -> Iterator[tuple[list[int], list, list[ResizeTransform], torch.Tensor]]:
     """Yield ``(indices, samples, transforms, features)`` batches, extracting only what the cache lacks.
 
-    ``features`` is ``(B, C, h, w)`` (or ``(B, C)`` with ``pool="avg"``, global average pooling per
-    tap before concatenation) in float32 on CPU. Samples are always loaded (the caller needs their
+    ``features`` is ``(B, C, h, w)`` (or ``(B, D)`` with a readout ``pool``, applied per tap before
+    concatenation) in float32 on CPU. Samples are always loaded (the caller needs their
     targets); the extractor only runs for images whose features are not cached.
     """
     size = spec.resolve_size(extractor)

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 #: Settings that may change between a run and its resume without breaking exactness.
 RUNTIME_KEYS = {"threads", "checkpoint_every", "snapshot_every", "log_every", "progress", "data", "out"}
+#: Settings that fix the model's shape: a run started ``init_from`` another must share them.
+ARCHITECTURE_KEYS = ("resolution", "block_out_channels", "cross_attention_dim", "attention_heads", "norm_num_groups",
+                     "class_names")
 
 
 @dataclass
@@ -69,6 +72,9 @@ class PretrainConfig:
     log_every: int = 50
     progress: bool = True
     class_names: tuple[str, ...] = field(default_factory=lambda: FASHION_MNIST_CLASSES)
+    #: ``last.pt`` of another run whose state (weights, EMA, optimizer, step, RNG) this run continues
+    #: under its own recipe (label dropout, steps, lr, ...); ``None`` starts from scratch.
+    init_from: str | None = None
 
     def unet_config(self) -> dict:
         return mini_unet_config(self.block_out_channels, cross_attention_dim=self.cross_attention_dim,
@@ -251,6 +257,35 @@ class Pretrainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
+    def continue_from(self, path: str | Path) -> None:
+        """Take over another run's state at its step, then follow *this* run's recipe from there.
+
+        Weights, EMA, optimizer moments, RNG and data position carry over, so the change of recipe
+        (e.g. a higher label dropout) is the only difference from continuing that run. The learning
+        rate follows this run's schedule (``lr``, ``warmup_steps``, ``steps``) at the inherited step.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"init_from: no checkpoint at {path} (expected the last.pt of a pretrain-mini run)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != "cleandift-pretrain":
+            raise CheckpointMismatchError(f"init_from: {path} is not a full pretrain-mini checkpoint (use a run's "
+                                          f"{CHECKPOINT}, not an EMA snapshot or an export)")
+        source = PretrainConfig.from_dict(state["config"])
+        diffs = [f"{k}: {path} has {getattr(source, k)!r}, this run {getattr(self.config, k)!r}"
+                 for k in ARCHITECTURE_KEYS if getattr(source, k) != getattr(self.config, k)]
+        if diffs:
+            raise CheckpointMismatchError("init_from: the checkpoint's model does not fit this run's settings:\n  "
+                                          + "\n  ".join(diffs))
+        if int(state["step"]) >= self.config.steps:
+            raise ConfigError(f"init_from: {path} is already at step {state['step']}; set --steps above it")
+        self.load_state_dict(state)
+        self.lr_schedule.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * lr_lambda(self.step, self.config.warmup_steps, self.config.steps,
+                                                     self.config.min_lr_ratio)
+
     def save_checkpoint(self) -> Path:
         """Flush the loss log, then write ``last.pt`` atomically (and a numbered snapshot now and then)."""
         self.out.mkdir(parents=True, exist_ok=True)
@@ -407,10 +442,14 @@ def open_run(config: PretrainConfig, resume: bool, images: torch.Tensor | None =
     if ckpt.is_file():
         raise ConfigError(f"{out} already holds a run (step checkpoint {ckpt}); pass --resume to continue it "
                           "or choose another --out")
+    trainer = Pretrainer(config, images, labels)
+    if config.init_from:
+        trainer.continue_from(config.init_from)
+        log.info("new run %s continues %s from step %d", out, config.init_from, trainer.step)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     _truncate_losses(out / "loss.csv", 0)
-    return Pretrainer(config, images, labels)
+    return trainer
 
 
 def _check_same(saved: PretrainConfig, requested: PretrainConfig) -> None:
