@@ -129,14 +129,19 @@ def test_interrupted_and_resumed_equals_uninterrupted(idx_dir, tmp_path):
     resumed = open_run(_config(tmp_path / "b", data=str(idx_dir)), resume=True)
     assert resumed.step == 2
     resumed.run()
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert a["step"] == b["step"] == 4
+    _assert_same_state(straight, resumed, step=4)
+    losses = lambda run: [r.split(",")[:3] for r in (tmp_path / run / "loss.csv").read_text().splitlines()]  # noqa: E731
+    assert losses("a") == losses("b")
+
+
+def _assert_same_state(first, second, step: int) -> None:
+    """Bit-identical model, EMA, optimizer moments and RNG at ``step``."""
+    a, b = first.state_dict(), second.state_dict()
+    assert a["step"] == b["step"] == step
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
     assert all(torch.equal(x, y) for x, y in zip(_opt_tensors(a), _opt_tensors(b)))
     assert torch.equal(a["generator"], b["generator"])
-    losses = lambda run: [r.split(",")[:3] for r in (tmp_path / run / "loss.csv").read_text().splitlines()]  # noqa: E731
-    assert losses("a") == losses("b")
 
 
 def _opt_tensors(state: dict) -> list[torch.Tensor]:
@@ -161,10 +166,7 @@ def test_init_from_with_an_unchanged_recipe_equals_the_uninterrupted_run(idx_dir
                     resume=False)
     assert cont.step == 2
     cont.run()
-    a, b = straight.state_dict(), cont.state_dict()
-    assert a["step"] == b["step"] == 4
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    _assert_same_state(straight, cont, step=4)
     rows = (tmp_path / "b" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3", "4"]  # the new run logs only its own steps
 
