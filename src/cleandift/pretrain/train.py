@@ -280,11 +280,11 @@ class Pretrainer:
         if int(state["step"]) >= self.config.steps:
             raise ConfigError(f"init_from: {path} is already at step {state['step']}; set --steps above it")
         self.load_state_dict(state)
+        # The loaded schedule state carries the source's base lr; this run's own lambda sets the lr from here.
         self.lr_schedule.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
+        for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
             group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * lr_lambda(self.step, self.config.warmup_steps, self.config.steps,
-                                                     self.config.min_lr_ratio)
+            group["lr"] = self.config.lr * factor(self.step)
 
     def save_checkpoint(self) -> Path:
         """Flush the loss log, then write ``last.pt`` atomically (and a numbered snapshot now and then)."""
