@@ -59,7 +59,7 @@ def run_through_up_blocks(unet, sample, timestep, cond, taps) -> dict[str, torch
     try:
         with capture_taps(unet, taps, stop_early=False) as feats:
             try:
-                unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)
+                unet(sample, timestep, encoder_hidden_states=cond.hidden_states, return_dict=False)
             except _Stop:
                 pass
     finally:
@@ -73,7 +73,7 @@ def reference_loss(aligner: FeatureAligner, teacher, images: torch.Tensor,
     backbone, i = aligner.backbone, aligner.num_timesteps
     b = images.shape[0]
     x0 = aligner.encode(images, generator)
-    cond = backbone.encode_prompts(None, b).float()
+    cond = backbone.encode_prompts(None, b).to(dtype=torch.float32)
     t = aligner.sample_timesteps(b, generator, x0.device).reshape(-1)
     x0_rep = x0.repeat_interleave(i, 0)
     cond_rep = cond.repeat_interleave(i, 0)

@@ -1,7 +1,7 @@
 """kNN probe of a ``pretrain-mini`` checkpoint: pooled U-Net features per tap vs raw pixels.
 
-    python benchmarks/mini_knn_probe.py /work/runs/mini-pretrain            # last.pt (EMA weights)
-    python benchmarks/mini_knn_probe.py RUN/step_004000.pt --bank 5000 --queries 1000 --t 0 261
+    python benchmarks/mini_knn_probe.py /work/runs/mini-pretrain            # last.safetensors (EMA weights)
+    python benchmarks/mini_knn_probe.py RUN/step_004000.safetensors --bank 5000 --queries 1000 --t 0 261
 
 Bank = the first ``--bank`` Fashion-MNIST training images, queries = the first ``--queries`` test
 images; k=10 cosine majority vote on globally average-pooled features read with the null prompt.
@@ -21,8 +21,9 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="run directory (uses last.pt), last.pt, a step_*.pt snapshot, or an "
-                                      "exported pixel-backbone folder")
+    p.add_argument("checkpoint", help="run directory (uses last.safetensors), that file, a step_*.safetensors "
+                                      "snapshot (older runs: .pt, read weights-only), or an exported "
+                                      "pixel-backbone folder")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--bank", type=int, default=10000)
     p.add_argument("--queries", type=int, default=2000)

@@ -39,7 +39,7 @@ def test_identical_and_mirrored_pairs_are_perfect(spair, tmp_path, matching):
     values = pck_values(result.results)
     # cells predict block centres, <= 0.71 px from the integer keypoints: above alpha=0.01 of 64 px only
     exact = {k: v for k, v in values.items() if matching["grid"] == "pixels" or not k.startswith("pck@0.01")}
-    assert all(v == 100.0 for v in exact.values()), values
+    assert all(v == 1.0 for v in exact.values()), values
     assert result.results["n_pairs"] == 4 and result.results["n_keypoints"] == 16
     assert set(result.per_category) == {"cat", "dog"}
     assert descriptor.calls == 4  # 4 distinct images, each described once although 'a' is in 4 pairs
@@ -127,7 +127,7 @@ def test_pfpascal_reports_image_thresholds_only(tmp_path):
     settings = resolve_settings("dift-spair", dataset="pfpascal")
     result = run_correspondence(settings, root, descriptor=BlockDescriptor(), progress=False)
     keys = pck_values(result.results)
-    assert keys and all("/img/" in k for k in keys) and all(v == 100.0 for v in keys.values())
+    assert keys and all("/img/" in k for k in keys) and all(v == 1.0 for v in keys.values())
     assert "PF-Pascal" in str(pytest.raises(ConfigError, resolve_settings, dataset="pfpascal",
                                             thresholds=("bbox",)).value)
 
@@ -145,7 +145,7 @@ def test_match_pair_hook_gets_context_and_flipped_features(spair):
     d = PairAware()
     result = evaluate_pairs(read_spair(spair, categories=["cat"]), d, resolve_settings("dift-spair"),
                             progress=False)
-    assert result.results["pck@0.01/bbox/per-point"] == 100.0
+    assert result.results["pck@0.01/bbox/per-point"] == 1.0
     ctx = seen["ctx"]
     assert ctx.category == "cat" and ctx.kps_ids == (0, 1, 2, 3) and ctx.src_size == (48, 64)
     assert ctx.extra["src_annotation"].name == "cat_a.json"
@@ -208,20 +208,23 @@ def test_cli_eval_spair_end_to_end(spair, tiny_pipeline_dir, tmp_path, capsys):
     data = json.loads(out.read_text())
     for key in ("pck@0.10/bbox/per-point", "pck@0.10/bbox/per-image", "pck@0.10/img/per-point",
                 "pck@0.10/img/per-image", "pck@0.01/bbox/per-point", "pck@0.15/img/per-image"):
-        assert 0.0 <= data["results"][key] <= 100.0
+        assert 0.0 <= data["results"][key] <= 1.0
     assert data["results"]["n_pairs"] == 2 and list(data["per_category"]) == ["cat"]
     s = data["settings"]
     assert (s["preset"], s["mode"], s["t"], s["ensemble"], s["size"], s["comparison"]) == \
            ("dift-spair", "noisy", 261, 2, 64, "<=")
-    assert data["descriptor"]["extractor"]["mode"] == "noisy"
+    assert data["descriptor"]["extractor"]["mode"] == "noisy" and data["method"] == "noisy"
+    assert data["protocol"]["values"].startswith("fraction")
     printed = capsys.readouterr().out
     assert "bbox/per-point" in printed and "cat" in printed
     # clean mode through the same command, resuming into its own cache folder
     out2 = tmp_path / "clean.json"
-    assert main(argv[:-4] + ["--mode", "clean", "--out", str(out2), "--cache", str(tmp_path / "cache")]) == 0
+    assert main(argv[:-4] + ["--mode", "clean", "--out", str(out2), "--cache", str(tmp_path / "cache"),
+                             "--label", "frozen"]) == 0
     clean = json.loads(out2.read_text())
-    assert clean["settings"]["preset"] == "cleandift-spair"
+    assert clean["settings"]["preset"] == "cleandift-spair" and clean["label"] == "frozen"
     assert clean["descriptor"]["extractor"]["mode"] == "clean"
+    assert clean["method"] == "naive-clean"  # no --checkpoint: the frozen model, labelled as the baseline
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 

@@ -29,6 +29,9 @@ def test_demo_runs_offline_and_writes_its_report(tmp_path, capsys):
     assert clean["pck10"] > dift1["pck10"] + 0.05
     assert clean["knn"] > table["raw pixels / nothing moves"]["knn"]
     assert table["raw pixels / nothing moves"]["pck10"] <= 0.3  # the warps are strong
+    page = (out / "report.html").read_text()
+    assert "is the shipped, fully trained student" in page and "not the 10-step run" in page
+    assert "median of 5" in page and "validation set" in page
     pngs = sorted((out / "figures").glob("*.png"))
     assert len(pngs) >= 10
     for png in pngs:

@@ -65,8 +65,13 @@ def test_timesteps_are_stratified_per_image(tiny_backbone, images):
 def test_student_runs_once_per_image_teacher_once_per_timestep(tiny_backbone, images):
     aligner = FeatureAligner(tiny_backbone, num_timesteps=3)
     student_calls, teacher_calls = [], []
-    hs = aligner.student.register_forward_pre_hook(lambda m, args: student_calls.append(args[0].shape[0]))
-    ht = aligner.teacher.register_forward_pre_hook(lambda m, args: teacher_calls.append(args[0].shape[0]))
+    def batch_of(args, kwargs):
+        return (args[0] if args else kwargs["sample"]).shape[0]
+
+    hs = aligner.student.register_forward_pre_hook(lambda m, a, kw: student_calls.append(batch_of(a, kw)),
+                                                   with_kwargs=True)
+    ht = aligner.teacher.register_forward_pre_hook(lambda m, a, kw: teacher_calls.append(batch_of(a, kw)),
+                                                   with_kwargs=True)
     try:
         aligner(images, generator=_gen()).loss.backward()
     finally:

@@ -30,7 +30,7 @@ def test_dtype_and_device_come_from_the_caller(tiny_pipeline_dir):
 
 def test_sd21_like_folder_loads(tiny_sd21_backbone):
     assert tiny_sd21_backbone.unet.config.use_linear_projection
-    assert tiny_sd21_backbone.encode_prompts("x", 1).shape == (1, 77, 48)
+    assert tiny_sd21_backbone.encode_prompts("x", 1).hidden_states.shape == (1, 77, 48)
 
 
 def test_preset_offline_error_lists_sources_and_fixes(monkeypatch, tmp_path):
@@ -69,7 +69,7 @@ def test_extractor_on_loaded_folder(tiny_backbone, tiny_images):
 
 def test_released_prompt_encoder_keeps_its_prompts_across_moves(tiny_pipeline_dir, tiny_images):
     backbone = load_backbone(str(tiny_pipeline_dir))
-    empty, car = backbone.encode_prompts("", 1), backbone.encode_prompts("a car", 1)
+    empty, car = backbone.encode_prompts("", 1).hidden_states, backbone.encode_prompts("a car", 1).hidden_states
     latents = backbone.encode_images(tiny_images)
     def nbytes(*modules):  # weights and buffers (CLIP's int64 position ids)
         return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
@@ -82,8 +82,8 @@ def test_released_prompt_encoder_keeps_its_prompts_across_moves(tiny_pipeline_di
     assert backbone.text_encoder is None and backbone.vae.decoder is None
     backbone.clear_prompt_cache()  # kept prompts cannot be recomputed, so they survive
     backbone.to(torch.float64)     # ... and follow the module like buffers do
-    assert backbone.encode_prompts(["a car", ""], 2).dtype == torch.float64
-    torch.testing.assert_close(backbone.encode_prompts(["a car", ""], 2).float(), torch.cat([car, empty]))
+    assert backbone.encode_prompts(["a car", ""], 2).hidden_states.dtype == torch.float64
+    torch.testing.assert_close(backbone.encode_prompts(["a car", ""], 2).hidden_states.float(), torch.cat([car, empty]))
     torch.testing.assert_close(backbone.encode_images(tiny_images.double()).float(), latents, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="'a dog' was not encoded before the prompt encoder was released"):
         backbone.encode_prompts("a dog", 1)

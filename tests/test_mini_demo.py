@@ -54,3 +54,12 @@ def test_demo_on_a_pixel_model_writes_report(pixel_folder, tmp_path, capsys):
         assert f'src="figures/{png.name}"' in page
         with Image.open(png) as img:
             assert img.size[0] > 0
+    # no shipped student for this model: the report says the row is the demo's own short run
+    assert "is the demo's own 3-step distillation" in page and "validation set" in page
+    assert results["protocol"]["tap_selection"].startswith("best tap per method") and results["student"] == "demo run"
+    # a second run in the same folder just works, and leaves only its own figures
+    assert main(["demo", "--out", str(out), "--model", str(pixel_folder), "--distill-steps", "2",
+                 "--bank", "200", "--queries", "40"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["distillation"]) == 2
+    page = (out / "report.html").read_text()
+    assert all(f'src="figures/{png.name}"' in page for png in (out / "figures").glob("*.png"))

@@ -15,14 +15,14 @@ def t(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-def test_perfect_predictions_give_100_everywhere():
+def test_perfect_predictions_give_1_everywhere():
     gt = t([[10, 10], [20, 30], [5, 7]])
     metric = PCK()
     metric.update(gt.clone(), gt, bbox=[0, 0, 40, 40], image_size=(50, 60), category="cat")
     out = metric.compute()
     pck_values = {k: v for k, v in out.items() if k.startswith("pck@")}
     assert len(pck_values) == 4 * 2 * 2
-    assert all(v == 100.0 for v in pck_values.values())
+    assert all(v == 1.0 for v in pck_values.values())
     assert out["n_pairs"] == 1 and out["n_keypoints"] == 3
 
 
@@ -33,7 +33,7 @@ def test_point_exactly_on_threshold_flips_between_le_and_lt():
     assert pck_correct(pred, gt, thr, alpha=0.1, comparison="<=").tolist() == [True]
     assert pck_correct(pred, gt, thr, alpha=0.1, comparison="<").tolist() == [False]
     # same through the metric, for both threshold kinds (image max side 50 as well)
-    for comparison, expected in (("<=", 100.0), ("<", 0.0)):
+    for comparison, expected in (("<=", 1.0), ("<", 0.0)):
         m = PCK(alphas=(0.1,), comparison=comparison)
         m.update(pred, gt, bbox=[10, 10, 60, 30], image_size=(40, 50))
         r = m.compute()
@@ -48,10 +48,10 @@ def test_per_point_and_per_image_differ_as_computed_by_hand():
     m.update(pred1, gt1, bbox=[0, 0, 100, 100], category="cat")
     m.update(t([[0, 0]]), t([[50, 50]]), bbox=[0, 0, 100, 100], category="dog")  # 0 of 1
     r = m.compute()
-    assert r["pck@0.10/bbox/per-point"] == pytest.approx(100 * 3 / 5)  # 60
-    assert r["pck@0.10/bbox/per-image"] == pytest.approx(100 * (0.75 + 0.0) / 2)  # 37.5
+    assert r["pck@0.10/bbox/per-point"] == pytest.approx(3 / 5)
+    assert r["pck@0.10/bbox/per-image"] == pytest.approx((0.75 + 0.0) / 2)
     per_cat = m.compute_per_category()
-    assert per_cat["cat"]["pck@0.10/bbox/per-point"] == pytest.approx(75.0)
+    assert per_cat["cat"]["pck@0.10/bbox/per-point"] == pytest.approx(0.75)
     assert per_cat["dog"]["pck@0.10/bbox/per-image"] == 0.0
     assert per_cat["cat"]["n_keypoints"] == 4 and per_cat["dog"]["n_pairs"] == 1
 
@@ -62,7 +62,7 @@ def test_bbox_and_image_thresholds_differ():
     m.update(t([[8, 0]]), t([[0, 0]]), bbox=[0, 0, 50, 40], image_size=(100, 200))
     r = m.compute()
     assert r["pck@0.10/bbox/per-point"] == 0.0
-    assert r["pck@0.10/img/per-point"] == 100.0
+    assert r["pck@0.10/img/per-point"] == 1.0
 
 
 def test_padded_and_invisible_keypoints_are_excluded():
@@ -79,13 +79,13 @@ def test_padded_and_invisible_keypoints_are_excluded():
     m.update(pred, gt, bbox=[[0, 0, 100, 100]] * 2, valid=valid, category=["a", "b"])
     r = m.compute()
     assert r["n_keypoints"] == 2
-    assert r["pck@0.10/bbox/per-point"] == 50.0
-    assert r["pck@0.10/bbox/per-image"] == 50.0  # the all-padding pair adds nothing
+    assert r["pck@0.10/bbox/per-point"] == 0.5
+    assert r["pck@0.10/bbox/per-image"] == 0.5  # the all-padding pair adds nothing
     assert math.isnan(m.compute_per_category()["b"]["pck@0.10/bbox/per-image"])
     # an explicit mask removes a real keypoint too
     m2 = PCK(alphas=(0.1,), thresholds=("bbox",))
     m2.update(pred[0], gt[0], bbox=[0, 0, 100, 100], valid=torch.tensor([True, True, True, False]))
-    assert m2.compute()["pck@0.10/bbox/per-point"] == 100.0 and m2.compute()["n_keypoints"] == 1
+    assert m2.compute()["pck@0.10/bbox/per-point"] == 1.0 and m2.compute()["n_keypoints"] == 1
 
 
 def test_labels_are_unambiguous():
@@ -128,11 +128,11 @@ def test_functional_matches_a_slow_reference_loop():
                 m.update(torch.tensor(pred), torch.tensor(gt), bbox=torch.tensor(boxes),
                          image_size=torch.tensor(sizes))
                 r = m.compute()
-                assert r[pck_key(alpha, kind, "per-point")] == pytest.approx(100 * correct / total)
-                assert r[pck_key(alpha, kind, "per-image")] == pytest.approx(100 * np.mean(per_pair))
+                assert r[pck_key(alpha, kind, "per-point")] == pytest.approx(correct / total)
+                assert r[pck_key(alpha, kind, "per-image")] == pytest.approx(np.mean(per_pair))
                 thr_t = pck_threshold(kind, bbox=torch.tensor(boxes), image_size=torch.tensor(sizes))
                 assert pck(torch.tensor(pred), torch.tensor(gt), thr_t, alpha, comparison) == \
-                    pytest.approx(100 * correct / total)
+                    pytest.approx(correct / total)
 
 
 def test_update_in_batches_equals_one_update():

@@ -77,7 +77,7 @@ def test_empty_prompt_uses_null_token(pixel_backbone):
     null = enc(torch.tensor([enc.null_id]))[0]
     assert enc.null_id == len(FASHION_MNIST_CLASSES)
     for prompt in (None, "", "   ", [None, ""]):
-        cond = pixel_backbone.encode_prompts(prompt, 2)
+        cond = pixel_backbone.encode_prompts(prompt, 2).hidden_states
         assert cond.shape == (2, 2, TINY["cross_attention_dim"])
         assert torch.equal(cond[0], null) and torch.equal(cond[1], null)
 
@@ -89,7 +89,7 @@ def test_empty_prompt_uses_null_token(pixel_backbone):
 def test_class_prompts_map_to_class_token(pixel_backbone, prompt, label):
     assert prompt_to_label(prompt, FASHION_MNIST_CLASSES) == label
     enc = pixel_backbone.label_encoder
-    cond = pixel_backbone.encode_prompts(prompt, 1)
+    cond = pixel_backbone.encode_prompts(prompt, 1).hidden_states
     assert torch.equal(cond[0], enc(torch.tensor([label]))[0])
 
 

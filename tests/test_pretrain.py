@@ -11,6 +11,7 @@ import torch
 
 from cleandift.errors import CleanDIFTError, ConfigError, DatasetError
 from cleandift.pretrain.idx import load_idx_dataset, read_idx, resolve_split, to_model_range, write_idx
+from cleandift.pretrain.runstate import load_state_file
 from cleandift.pretrain.train import CHECKPOINT, PretrainConfig, load_checkpoint_backbone, lr_lambda, open_run
 
 N_IMAGES = 12
@@ -108,7 +109,7 @@ def test_few_steps_write_atomic_checkpoint_and_loss_csv(idx_dir, tmp_path):
     loss = trainer.run()
     assert np.isfinite(loss) and trainer.step == 4
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {CHECKPOINT, "loss.csv", "config.json", "step_000002.pt", "step_000004.pt"} <= files
+    assert {CHECKPOINT, "loss.csv", "config.json", "step_000002.safetensors", "step_000004.safetensors"} <= files
     assert not any(name.endswith(".tmp") for name in files)
     rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
@@ -174,7 +175,7 @@ def test_init_from_with_an_unchanged_recipe_equals_the_uninterrupted_run(idx_dir
 def test_init_from_changes_the_recipe_and_checks_the_model(idx_dir, tmp_path):
     src = tmp_path / "src" / CHECKPOINT
     open_run(_config(tmp_path / "src", data=str(idx_dir), steps=2), resume=False).run()
-    source = torch.load(src, weights_only=False)
+    source = load_state_file(src)
     cfg = _config(tmp_path / "ft", data=str(idx_dir), steps=6, label_dropout=0.5, lr=5e-4, init_from=str(src))
     ft = open_run(cfg, resume=False)
     assert ft.step == 2 and all(torch.equal(v, source["model"][k]) for k, v in ft.model.state_dict().items())
@@ -193,7 +194,7 @@ def test_init_from_changes_the_recipe_and_checks_the_model(idx_dir, tmp_path):
         open_run(_config(tmp_path / "x2", data=str(idx_dir), steps=2, init_from=str(src)), resume=False)
     with pytest.raises(CleanDIFTError, match="not a full pretrain-mini checkpoint"):
         open_run(_config(tmp_path / "x3", data=str(idx_dir), steps=6,
-                         init_from=str(tmp_path / "src" / "step_000002.pt")), resume=False)
+                         init_from=str(tmp_path / "src" / "step_000002.safetensors")), resume=False)
     with pytest.raises(ConfigError, match="no checkpoint"):
         open_run(_config(tmp_path / "x4", data=str(idx_dir), steps=6, init_from=str(tmp_path / "nope.pt")),
                  resume=False)
@@ -224,7 +225,7 @@ def test_cli_trains_resumes_and_exports(idx_dir, tmp_path, capsys):
     ft = ["pretrain-mini", "--data", str(idx_dir), "--out", str(tmp_path / "ft"), "--steps", "4", "--batch-size", "4",
           "--channels", "8,16,16,24", "--no-progress", "--label-dropout", "0.5", "--init-from", str(out / CHECKPOINT)]
     assert main(ft) == 0
-    state = torch.load(tmp_path / "ft" / CHECKPOINT, weights_only=False)
+    state = load_state_file(tmp_path / "ft" / CHECKPOINT)
     assert state["step"] == 4 and state["config"]["label_dropout"] == 0.5
 
 
@@ -273,7 +274,7 @@ def test_exporting_a_snapshot_ignores_the_losses_of_later_steps(idx_dir, tmp_pat
     out = tmp_path / "run"
     open_run(_config(out, data=str(idx_dir)), resume=False).run()  # 4 steps, snapshot at step 2
     rows = [r.split(",") for r in (out / "loss.csv").read_text().splitlines()[1:]]
-    assert main(["pretrain-mini", "--out", str(out / "step_000002.pt"), "--export-only", "--export",
+    assert main(["pretrain-mini", "--out", str(out / "step_000002.safetensors"), "--export-only", "--export",
                  str(tmp_path / "e"), "--card-samples", "1", "--sample-steps", "1"]) == 0
     card = (tmp_path / "e" / "MODEL_CARD.md").read_text()
     first_two = (float(rows[0][1]) + float(rows[1][1])) / 2

@@ -170,7 +170,7 @@ def test_cli_seg_on_tiny_model(tmp_path, tiny_pipeline_dir):
         "--t", "100", "--size", "64", "--epochs", "1", "--out", str(out), "--no-progress"])
     assert args.func(args) == 0
     result = json.loads(out.read_text())
-    assert result["task"] == "seg" and result["mode"] == "naive"
+    assert result["task"] == "seg" and result["mode"] == "naive-clean" and result["requested_mode"] == "naive"
     assert 0.0 <= result["metrics"]["miou"] <= 1.0 and not math.isnan(result["metrics"]["miou"])
     assert result["extractor"]["describe"]["timestep"] == 100.0
     assert (tmp_path / "seg.probe.safetensors").is_file()

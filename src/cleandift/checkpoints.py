@@ -14,20 +14,25 @@ Formats understood (detected from the keys, never from the file name):
 
 Only safetensors or ``torch.load(weights_only=True)`` is used: a checkpoint never runs code.
 A checkpoint that does not fit the backbone raises :class:`CheckpointMismatchError` naming the
-missing / unexpected keys and the likely fix.
+missing / unexpected keys and the likely fix. A truncated, empty or corrupt file, a partial export
+folder, bad JSON, or student / head weights holding NaN/inf raise :class:`DamagedCheckpointError`
+naming the file; a missing path raises :class:`CheckpointNotFoundError`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointMismatchError, CheckpointNotFoundError, DamagedCheckpointError
 
 STUDENT_PREFIX = "unet_feature_extractor_cleandift."
 TEACHER_PREFIX = "unet_feature_extractor_base."
@@ -35,6 +40,8 @@ HEAD_PREFIXES = ("adapters.", "mapping.", "time_in_proj.", "time_emb.")
 VAE_PREFIX = "ae."
 EXPORT_META = "cleandift.json"
 EXPORT_HEADS = "heads.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_REEXPORT = "re-export it (`cleandift train ... --export-only`) or copy it again"
 
 
 @dataclass
@@ -54,26 +61,88 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from ``.safetensors`` or (weights only) ``.pt/.pth/.bin/.ckpt``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+        raise CheckpointNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return _load_safetensors(path, "re-download or copy it again")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"{path}: checkpoint file is empty (0 bytes); re-download or copy it again")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except pickle.UnpicklingError as exc:
         raise CheckpointMismatchError(
             f"{path}: could not be read with torch.load(weights_only=True) ({type(exc).__name__}); "
             "cleandift never unpickles arbitrary objects -- convert the file to .safetensors"
         ) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise DamagedCheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
+                                     f"({type(exc).__name__}: {_first_line(exc)}); re-download or copy it again") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{path}: expected a flat dict of tensors")
     return state
+
+
+def check_checkpoint_path(spec: str | Path) -> None:
+    """Refuse a ``--checkpoint`` that names a missing file or folder, before any model is loaded.
+
+    Only specs that look like paths (a folder part, ``~``, or a weights suffix) are checked here; a bare
+    name is left to :func:`read_checkpoint`, which reports it the same way when it is read.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    looks_like_path = "/" in text or os.sep in text or text.startswith(("~", ".")) or path.suffix in WEIGHT_SUFFIXES
+    if looks_like_path and not path.exists():
+        raise CheckpointNotFoundError(
+            f"--checkpoint {text}: no such file or folder; pass a cleandift_*_unet/_full.safetensors file, "
+            "a diffusers U-Net folder or a `cleandift train` export")
+
+
+def check_finite(ckpt: StudentCheckpoint) -> None:
+    """Refuse a checkpoint whose student or head weights (or timestep) hold NaN/inf.
+
+    One float64 sum per tensor (no large temporaries); NaN and inf both survive a sum.
+    """
+    parts = {**{f"student {k}": v for k, v in ckpt.student.items()}, **{f"heads {k}": v for k, v in ckpt.heads.items()}}
+    bad = [name for name, t in parts.items()
+           if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))]
+    if ckpt.timestep is not None and not _finite_number(ckpt.timestep):
+        bad.append(f"timestep ({ckpt.timestep!r})")
+    if bad:
+        raise DamagedCheckpointError(
+            f"{ckpt.source}: {len(bad)} of {len(parts)} weight tensor(s) hold NaN/inf values (e.g. {', '.join(bad[:3])}); "
+            "the weights are unusable (a diverged training run?) -- use an earlier checkpoint")
+
+
+def _finite_number(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _load_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"{path}: not a readable safetensors file (empty, 0 bytes); {fix}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DamagedCheckpointError(f"{path}: not a readable safetensors file, truncated or damaged "
+                                     f"({_first_line(exc)}); {fix}") from exc
+
+
+def _read_json(path: Path, fix: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpointError(f"{path}: not valid JSON ({_first_line(exc)}); {fix}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], source: str = "<state dict>") -> StudentCheckpoint:
@@ -115,28 +184,41 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "<state dict>
 
 
 def read_checkpoint(path: str | Path) -> StudentCheckpoint:
-    """Read a checkpoint file or export folder and split it (see module docstring for formats)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return _read_export_folder(path)
-    return split_checkpoint(read_state_dict(path), str(path))
+    """Read a checkpoint file or export folder and split it (see module docstring for formats).
+
+    A released student's name (``cleandift-sd21``, see :mod:`cleandift.released`) reads its cached hub file.
+    """
+    from .released import resolve_checkpoint  # noqa: PLC0415
+
+    path = resolve_checkpoint(path)
+    ckpt = _read_export_folder(path) if path.is_dir() else split_checkpoint(read_state_dict(path), str(path))
+    check_finite(ckpt)
+    return ckpt
 
 
 def _read_export_folder(path: Path) -> StudentCheckpoint:
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    config = unet_dir / "config.json"
     weights = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
-    if not (unet_dir / "config.json").is_file() or not weights:
+    if not config.is_file() and not weights:
         raise CheckpointMismatchError(
             f"{path}: not a student export (expected unet/config.json and unet/diffusion_pytorch_model.safetensors, "
             "as written by `cleandift train` or UNet2DConditionModel.save_pretrained)"
         )
+    if not weights:
+        raise DamagedCheckpointError(f"{unet_dir / 'diffusion_pytorch_model.safetensors'}: missing from the export "
+                                     f"(its config.json is there); {_REEXPORT}")
+    if not config.is_file():
+        raise DamagedCheckpointError(f"{config}: missing from the export (its weights are there); {_REEXPORT}")
+    _read_json(config, _REEXPORT)
     student: dict[str, torch.Tensor] = {}
     for file in weights:
-        student.update(load_file(str(file)))
-    meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
-    heads = load_file(str(path / EXPORT_HEADS)) if (path / EXPORT_HEADS).is_file() else {}
+        student.update(_load_safetensors(file, _REEXPORT))
+    meta = _read_json(path / EXPORT_META, _REEXPORT) if (path / EXPORT_META).is_file() else {}
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{path / EXPORT_META}: expected a JSON object, got {type(meta).__name__}; "
+                                     f"{_REEXPORT}")
+    heads = _load_safetensors(path / EXPORT_HEADS, _REEXPORT) if (path / EXPORT_HEADS).is_file() else {}
     timestep = meta.get("timestep")
     if timestep is None and "timestep" in heads:
         timestep = float(heads["timestep"].float().item())
@@ -150,11 +232,16 @@ def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoin
     The copy keeps the base U-Net's device and dtype (released files are bf16; they are cast).
     Returns the student and the parsed checkpoint (for its heads and learned timestep).
     """
-    ckpt = checkpoint if isinstance(checkpoint, StudentCheckpoint) else read_checkpoint(checkpoint)
+    if isinstance(checkpoint, StudentCheckpoint):
+        ckpt = checkpoint
+        check_finite(ckpt)  # read_checkpoint checks what it reads; a hand-built one is checked here
+    else:
+        ckpt = read_checkpoint(checkpoint)
     check_fits(base_unet, ckpt.student, ckpt.source)
     student = copy.deepcopy(base_unet)
     ref = next(base_unet.parameters())
     student.load_state_dict({k: v.to(dtype=ref.dtype) for k, v in ckpt.student.items()}, strict=True)
+    student.cleandift_timestep = ckpt.timestep  # CleanExtractor's default timestep follows the checkpoint
     return student, ckpt
 
 

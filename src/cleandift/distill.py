@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from .backbones.base import DiffusionBackbone, PromptInput
+from .backbones.conditioning import Conditioning
 from .checkpoints import StudentCheckpoint, check_fits, read_checkpoint, split_checkpoint
 from .errors import CheckpointMismatchError, ConfigError
 from .features import flatten_hw
 from .heads import HeadConfig, ProjectionHeads
 from .loss import LossKind, alignment_loss, check_loss
-from .taps import Tap, run_to_taps
+from .taps import Tap
 from .timesteps import DIFT_TIMESTEP, stratified_timesteps, validate_timestep
 
 log = logging.getLogger(__name__)
@@ -206,19 +207,20 @@ class FeatureAligner(nn.Module):
 
     @torch.no_grad()
     def teacher_features(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                         cond: torch.Tensor) -> dict[str, torch.Tensor]:
+                         cond: Conditioning) -> dict[str, torch.Tensor]:
         """Teacher taps on ``x_t`` for every (image, timestep): ``{tap: (B*I, HW, C)}``, image-major."""
         i = self.num_timesteps
         x_t = self.backbone.add_noise(x0.repeat_interleave(i, 0), eps, t)
         dtype = self.teacher_dtype
-        cond = cond.repeat_interleave(i, 0).to(dtype)
-        feats = run_to_taps(self.teacher, x_t.to(dtype), t, cond, self.selected_taps)
+        cond = cond.repeat_interleave(i).to(dtype)
+        feats = self.backbone.run_taps(x_t.to(dtype), t, cond, self.selected_taps, denoiser=self.teacher)
         return {name: flatten_hw(f) for name, f in feats.items()}
 
-    def student_features(self, x0: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+    def student_features(self, x0: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """Student taps on the clean ``x0`` at its own timestep: ``{tap: (B, HW, C)}`` (one pass per image)."""
         dtype = self.student_dtype
-        feats = run_to_taps(self.student, x0.to(dtype), self.timestep.to(dtype), cond.to(dtype), self.selected_taps)
+        feats = self.backbone.run_taps(x0.to(dtype), self.timestep.to(dtype), cond.to(dtype), self.selected_taps,
+                                       denoiser=self.student)
         return {name: flatten_hw(f) for name, f in feats.items()}
 
     def project(self, student: Mapping[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -240,7 +242,7 @@ class FeatureAligner(nn.Module):
         selected = self.backbone.taps.select(taps if taps is not None else self.tap_names)
         x0 = self.backbone.encode_images(images, sample_posterior=False).to(self.student_dtype)
         cond = self.backbone.encode_prompts(captions, images.shape[0]).to(self.student_dtype)
-        feats = run_to_taps(self.student, x0, self.timestep.to(self.student_dtype), cond, selected)
+        feats = self.backbone.run_taps(x0, self.timestep.to(self.student_dtype), cond, selected, denoiser=self.student)
         if t is None:
             return {k: v.float() for k, v in feats.items()}
         if self.heads is None:

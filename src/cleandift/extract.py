@@ -23,10 +23,30 @@ from torch import nn
 
 from .backbones.base import DiffusionBackbone, PromptInput
 from .images import ResizePolicy, ResizeTransform, prepare_images
-from .taps import Tap, run_to_taps
+from .taps import Tap
 from .timesteps import DIFT_TIMESTEP, validate_timestep
 
 NoiseMode = Literal["independent", "shared"]
+#: one generator for the whole batch, or one per image (features then never depend on the batch)
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+
+
+def image_generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from ``seed`` and the image content.
+
+    The same seeding as ``eval`` (:func:`cleandift.eval.descriptors.image_seed`): an image's noise, and so
+    its noisy features, do not depend on its neighbours, the batch size or the order of a folder run.
+    """
+    from .eval.descriptors import image_seed  # noqa: PLC0415
+
+    return [torch.Generator().manual_seed(image_seed(image, seed)) for image in images]
+
+
+def model_cell(backbone: DiffusionBackbone) -> int:
+    """Pixels per coarsest U-Net cell: input sizes must be a multiple of it (64 for SD)."""
+    if "mid" in backbone.taps:
+        return backbone.latent_factor * backbone.taps["mid"].stride
+    return backbone.latent_factor * max((t.stride for t in backbone.taps), default=8)
 
 
 class FeatureExtractor(ABC):
@@ -34,7 +54,7 @@ class FeatureExtractor(ABC):
 
     Args:
         backbone: the diffusion backbone (VAE / prompt encoder / scheduler and the frozen U-Net).
-        taps: default taps to return (names, comma string, ``"all"``; ``None`` = ``us6``).
+        taps: default taps to return (names, comma string, ``"all"``; ``None``: the family's ``default_feature_taps``, ``us6`` for SD).
         chunk_size: maximum number of U-Net samples per forward call (bounds memory; the ensemble
             of a noisy extractor counts: 2 images x 8 draws = 16 samples).
         sample_posterior: draw the VAE latent from its posterior instead of taking the mean.
@@ -47,7 +67,7 @@ class FeatureExtractor(ABC):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.backbone = backbone
-        self.default_taps = taps if taps is not None else ("us6",)
+        self.default_taps = taps if taps is not None else backbone.default_feature_taps
         self.chunk_size = chunk_size
         self.sample_posterior = sample_posterior
         backbone.taps.select(self.default_taps)  # fail early on bad names
@@ -60,35 +80,40 @@ class FeatureExtractor(ABC):
         return self.backbone.taps.select(taps if taps is not None else self.default_taps)
 
     def __call__(self, images: torch.Tensor, prompts: PromptInput = None, taps: str | Sequence[str] | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 generator: GeneratorArg = None) -> dict[str, torch.Tensor]:
         return self.extract(images, prompts=prompts, taps=taps, generator=generator)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, prompts: PromptInput = None, taps: str | Sequence[str] | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Features of a batch of images ``(B, 3, H, W)`` in ``[-1, 1]`` (H, W multiples of the cell size)."""
+                generator: GeneratorArg = None) -> dict[str, torch.Tensor]:
+        """Features of a batch of images ``(B, 3, H, W)`` in ``[-1, 1]`` (H, W multiples of the cell size).
+
+        ``generator`` is one generator for the batch or a list with one per image (see
+        :func:`image_generators`); it matters only where noise is drawn.
+        """
         images = self._check_images(images)
+        _check_generators(generator, images.shape[0])
         selected = self.select_taps(taps)
         cond = self.backbone.encode_prompts(prompts, images.shape[0])
         return self._extract(images, cond, selected, generator)
 
     def extract_pil(self, images: Sequence, size: int | None = None, resize: ResizePolicy = "stretch",
                     prompts: PromptInput = None, taps: str | Sequence[str] | None = None,
-                    generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], list[ResizeTransform]]:
+                    generator: GeneratorArg = None) -> tuple[dict[str, torch.Tensor], list[ResizeTransform]]:
         """Resize PIL images to the model frame and extract; also returns each image's transform."""
         batch, transforms = prepare_images(images, size or self.backbone.resolution, resize)
         return self.extract(batch, prompts=prompts, taps=taps, generator=generator), transforms
 
     @abstractmethod
     def _extract(self, images: torch.Tensor, cond: torch.Tensor, taps: list[Tap],
-                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+                 generator: GeneratorArg) -> dict[str, torch.Tensor]:
         """Extract from validated images and encoded prompts."""
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor in [-1, 1], got {shape}")
-        cell = self.backbone.latent_factor * self.backbone.taps["mid"].stride if "mid" in self.backbone.taps else 8
+        cell = model_cell(self.backbone)
         h, w = images.shape[-2:]
         if h % cell or w % cell:
             raise ValueError(f"image size {h}x{w} is not a multiple of {cell} px (the U-Net's coarsest cell); "
@@ -101,9 +126,15 @@ class FeatureExtractor(ABC):
                 images = images.expand(-1, 3, -1, -1)
             else:
                 raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {channels}")
+        _check_finite(images)
         return images
 
-    def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
+        if isinstance(generator, (list, tuple)):
+            if not self.sample_posterior:  # deterministic encoding: the generators are not used
+                return self.backbone.encode_images(images, sample_posterior=False)
+            return torch.cat([self.backbone.encode_images(image[None], sample_posterior=True, generator=g)
+                              for image, g in zip(images, generator)])
         return self.backbone.encode_images(images, sample_posterior=self.sample_posterior, generator=generator)
 
     def describe(self) -> dict:
@@ -118,15 +149,19 @@ class CleanExtractor(FeatureExtractor):
         unet: the fine-tuned student; defaults to ``backbone.unet`` (which then gives the
             "naive clean" baseline: a frozen model fed a clean input).
         timestep: the timestep input the student sees. The released students were trained with a
-            learnable scalar initialised at 261 (and their ``*_full`` files store it).
+            learnable scalar initialised at 261 (and their ``*_full`` files store it). Default: the
+            value :func:`~cleandift.checkpoints.load_student` read from the checkpoint, else 261.
     """
 
     mode = "clean"
 
-    def __init__(self, backbone: DiffusionBackbone, unet: nn.Module | None = None, timestep: float = DIFT_TIMESTEP,
+    def __init__(self, backbone: DiffusionBackbone, unet: nn.Module | None = None, timestep: float | None = None,
                  taps: str | Sequence[str] | None = None, chunk_size: int = 8, sample_posterior: bool = False) -> None:
         super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior)
         self.student = unet if unet is not None else backbone.unet
+        if timestep is None:  # the learned value load_student recorded, else the students' initial 261
+            timestep = getattr(self.student, "cleandift_timestep", None)
+            timestep = DIFT_TIMESTEP if timestep is None else timestep
         self.timestep = float(validate_timestep(timestep, backbone.num_train_timesteps, "timestep"))
 
     @property
@@ -137,8 +172,9 @@ class CleanExtractor(FeatureExtractor):
         out: dict[str, list[torch.Tensor]] = {t.name: [] for t in taps}
         for start in range(0, images.shape[0], self.chunk_size):
             sl = slice(start, start + self.chunk_size)
-            x0 = self._encode(images[sl], generator)
-            feats = run_to_taps(self.student, x0.to(self._dtype()), self.timestep, cond[sl].to(self._dtype()), taps)
+            x0 = self._encode(images[sl], generator[sl] if isinstance(generator, (list, tuple)) else generator)
+            feats = self.backbone.run_taps(x0.to(self._dtype()), self.timestep, cond[sl].to(self._dtype()), taps,
+                                           denoiser=self.student)
             for name, f in feats.items():
                 out[name].append(f.float())
         return {name: torch.cat(chunks) for name, chunks in out.items()}
@@ -168,7 +204,7 @@ class NoisyExtractor(FeatureExtractor):
                  noise: NoiseMode = "independent", taps: str | Sequence[str] | None = None, chunk_size: int = 8,
                  sample_posterior: bool = True) -> None:
         super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior)
-        self.t = int(validate_timestep(t, backbone.num_train_timesteps, "t"))
+        self.t = int(validate_timestep(t, backbone.num_train_timesteps, "t", integer=True))
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         if noise not in ("independent", "shared"):
@@ -176,9 +212,19 @@ class NoisyExtractor(FeatureExtractor):
         self.ensemble = ensemble
         self.noise_mode = noise
 
-    def draw_noise(self, batch_size: int, shape: tuple[int, ...], generator: torch.Generator | None,
+    def draw_noise(self, batch_size: int, shape: tuple[int, ...], generator: GeneratorArg,
                    device: torch.device) -> torch.Tensor:
-        """Noise of shape ``(E, B, *shape)``; with ``shared`` every image gets the same draws."""
+        """Noise of shape ``(E, B, *shape)``; with ``shared`` every image gets the same draws.
+
+        With one generator per image, image ``i``'s draws come from ``generator[i]`` alone (exactly what
+        extracting that image by itself with that generator draws).
+        """
+        if isinstance(generator, (list, tuple)):
+            if self.noise_mode == "shared":
+                raise ValueError("noise='shared' gives every image the same draws: pass one generator, "
+                                 "not one per image")
+            eps = [torch.randn((self.ensemble, 1, *shape), generator=g, device=g.device) for g in generator]
+            return torch.cat(eps, dim=1).to(device)
         n = 1 if self.noise_mode == "shared" else batch_size
         gen_device = generator.device if generator is not None else "cpu"
         eps = torch.randn((self.ensemble, n, *shape), generator=generator, device=gen_device)
@@ -186,14 +232,16 @@ class NoisyExtractor(FeatureExtractor):
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, prompts: PromptInput = None, taps=None,
-                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                generator: GeneratorArg = None, noise: torch.Tensor | None = None,
                 posterior_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """As :meth:`FeatureExtractor.extract`; ``noise`` ``(E, B, c, h, w)`` overrides the draws.
 
         Noise is drawn as: diffusion noise for all (E, B) first, then posterior noise, both from
-        ``generator`` -- so a fixed seed reproduces the features exactly.
+        ``generator`` -- so a fixed seed reproduces the features exactly. With one generator per image
+        (:func:`image_generators`) an image's features do not depend on the rest of the batch.
         """
         images = self._check_images(images)
+        _check_generators(generator, images.shape[0])
         selected = self.select_taps(taps)
         cond = self.backbone.encode_prompts(prompts, images.shape[0])
         return self._extract(images, cond, selected, generator, noise, posterior_noise)
@@ -214,7 +262,6 @@ class NoisyExtractor(FeatureExtractor):
         dtype = self.backbone.dtype
         flat_x0 = x0.reshape(self.ensemble * b, *shape)
         flat_eps = noise.reshape(self.ensemble * b, *shape)
-        flat_cond = cond.unsqueeze(0).expand(self.ensemble, *cond.shape).reshape(self.ensemble * b, *cond.shape[1:])
         sums = {t.name: None for t in taps}
         # Chunks run over the (E*B) samples; order is draw-major so one image's draws stay together
         # with the ordering of ``noise``.
@@ -223,7 +270,7 @@ class NoisyExtractor(FeatureExtractor):
             idx = order[start:start + self.chunk_size].to(flat_x0.device)
             t = torch.full((idx.numel(),), self.t, device=flat_x0.device, dtype=torch.long)
             xt = self.backbone.add_noise(flat_x0[idx].float(), flat_eps[idx].float(), t).to(dtype)
-            feats = run_to_taps(self.backbone.unet, xt, t, flat_cond[idx].to(dtype), taps)
+            feats = self.backbone.run_taps(xt, t, cond[idx % b].to(dtype), taps)
             image_index = (idx % b).to(flat_x0.device)
             for name, f in feats.items():
                 if sums[name] is None:
@@ -233,3 +280,19 @@ class NoisyExtractor(FeatureExtractor):
 
     def describe(self) -> dict:
         return {**super().describe(), "t": self.t, "ensemble": self.ensemble, "noise": self.noise_mode}
+
+
+def _check_generators(generator: GeneratorArg, batch_size: int) -> None:
+    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} images (pass one per image, "
+                         "or a single generator)")
+
+
+def _check_finite(images: torch.Tensor) -> None:
+    """Refuse NaN/inf pixels: they would silently turn every feature of the batch into NaN."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [int(i) for i in torch.nonzero(~finite).flatten()]
+        raise ValueError(f"images contain non-finite values (NaN/inf) in batch position(s) "
+                         f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}; "
+                         "images must be finite, in [-1, 1]")

@@ -1,4 +1,4 @@
-"""Where the features are: the tap table of a diffusers ``UNet2DConditionModel`` and the hooks that read it.
+"""Where the features are: tap tables of diffusers denoisers (U-Nets and transformers) and the hooks that read them.
 
 A *tap* is a named position in the U-Net whose output is a feature map. CleanDIFT reads 11 of them:
 the mid block (``mid``) and the decoder sub-layers ``us1`` ... ``us10``. In the reference code each
@@ -26,6 +26,12 @@ us10   up_blocks.3.attentions.0         320      1
 names the two final layers ``us11``/``us12``, which the paper leaves out), so smaller or differently
 configured U-Nets work without code changes. :func:`run_to_taps` runs the U-Net with forward hooks
 and **stops the computation right after the last requested tap**: nothing past it is computed.
+
+Diffusion transformers (SD3, PixArt, Flux) have one tap per transformer block, named ``block{i}`` in
+execution order (Flux: its double blocks, then its single blocks). :func:`discover_block_taps` builds
+that table; a block tap reads the block's *image-token* output -- the image stream of a joint block's
+``(text, image)`` pair, the trailing image tokens of a block that runs on ``[text, image]`` -- and
+returns it as a ``(B, C, h, w)`` map on the token grid (``layout="tokens"``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ class Tap:
         channels: channels of the feature map.
         stride: downsampling of the feature map relative to the U-Net *input* (latent for SD).
         order: execution order (0 = first computed); stopping after a tap skips all later ones.
+        layout: ``"map"`` -- the module returns a ``(B, C, h, w)`` map (or a tuple / output object
+            holding one first); ``"tokens"`` -- it returns ``(B, N, C)`` tokens (or a tuple of streams),
+            turned into a map on the token grid.
+        stream: for modules returning a tuple of token streams, the index of the image stream.
     """
 
     name: str
@@ -60,6 +70,8 @@ class Tap:
     channels: int
     stride: int
     order: int
+    layout: str = "map"
+    stream: int = 0
 
 
 class TapTable:
@@ -147,6 +159,29 @@ def discover_taps(unet: nn.Module) -> TapTable:
     return TapTable(taps, default=default)
 
 
+def discover_block_taps(model: nn.Module, blocks: Sequence[tuple[str, int]], channels: int, stride: int,
+                        default: Sequence[str] | None = None) -> TapTable:
+    """Tap table of a diffusion transformer: one ``block{i}`` tap per block, in execution order.
+
+    Args:
+        model: the transformer (e.g. ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
+        blocks: ``(ModuleList attribute, image stream index)`` pairs in execution order, e.g.
+            ``[("transformer_blocks", 1), ("single_transformer_blocks", 1)]`` for Flux, whose blocks
+            return ``(text, image)``. A block returning one tensor is read whatever the index.
+        channels: hidden width of the blocks (``inner_dim``).
+        stride: latent cells per token side (the patch size; Flux: 2 for its 2x2 packing).
+        default: default taps (``None``: the middle block, where DiT features peak).
+    """
+    taps: list[Tap] = []
+    for attr, stream in blocks:
+        for j in range(len(getattr(model, attr, None) or ())):
+            taps.append(Tap(f"block{len(taps)}", f"{attr}.{j}", int(channels), int(stride), len(taps),
+                            layout="tokens", stream=stream))
+    if not taps:
+        raise TypeError(f"{type(model).__name__} has none of the block lists {[a for a, _ in blocks]}")
+    return TapTable(taps, default=default if default is not None else [taps[len(taps) // 2].name])
+
+
 def _out_channels(resnet: nn.Module) -> int:
     if hasattr(resnet, "out_channels") and resnet.out_channels is not None:
         return int(resnet.out_channels)
@@ -157,41 +192,66 @@ class _StopForward(Exception):
     """Raised inside a hook once the last requested tap has been captured."""
 
 
-def _as_tensor(output: object) -> torch.Tensor:
+def _as_tensor(output: object, stream: int = 0) -> torch.Tensor:
     """Hooks see a Tensor (resnets, samplers, mid block) or a tuple / output object (transformers)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
-        return output[0]
+        return output[stream]
     sample = getattr(output, "sample", None)
     if isinstance(sample, torch.Tensor):
         return sample
     raise TypeError(f"cannot read a feature map from a module output of type {type(output).__name__}")
 
 
+def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Image tokens ``(B, N, C)`` in row-major patch order -> ``(B, C, h, w)``.
+
+    A block that runs on ``[text, image]`` (Flux single blocks in older diffusers) has more than
+    ``h * w`` tokens: the image tokens are the trailing ones.
+    """
+    h, w = grid
+    if tokens.ndim != 3 or tokens.shape[1] < h * w:
+        raise RuntimeError(f"expected (B, >= {h * w}, C) image tokens for a {h}x{w} grid, got {tuple(tokens.shape)}")
+    tokens = tokens[:, tokens.shape[1] - h * w:]
+    return tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+
+
+def read_tap(tap: Tap, output: object, grid: tuple[int, int] | None) -> torch.Tensor:
+    """The ``(B, C, h, w)`` feature map of ``tap`` from its module's forward output."""
+    value = _as_tensor(output, tap.stream)
+    if tap.layout == "tokens":
+        if grid is None:
+            raise RuntimeError(f"tap {tap.name} holds tokens: the caller must give the token grid")
+        return tokens_to_map(value, grid)
+    return value
+
+
 @contextlib.contextmanager
-def capture_taps(unet: nn.Module, taps: Sequence[Tap], stop_early: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def capture_taps(unet: nn.Module, taps: Sequence[Tap], stop_early: bool = True,
+                 grid: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Register hooks that store each tap's output in the yielded dict.
 
     With ``stop_early`` the hook of the last tap (in execution order) raises :class:`_StopForward`;
-    wrap the U-Net call in :func:`run_to_taps` (or catch it yourself) so no layer after it runs.
-    Hooks are removed on exit, so e.g. a later gradient-checkpointing recompute never sees them.
+    wrap the denoiser call in :func:`run_to_taps` / :func:`stop_after_taps` so no layer after it runs.
+    ``grid`` is the token grid ``(h, w)`` of token-layout taps (transformers). Hooks are removed on
+    exit, so e.g. a later gradient-checkpointing recompute never sees them.
     """
     features: dict[str, torch.Tensor] = {}
     last = max(taps, key=lambda t: t.order).name if taps else None
     handles = []
 
-    def make_hook(name: str):
+    def make_hook(tap: Tap):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            features[name] = _as_tensor(output)
-            if stop_early and name == last and len(features) == len(taps):
+            features[tap.name] = read_tap(tap, output, grid)
+            if stop_early and tap.name == last and len(features) == len(taps):
                 raise _StopForward
 
         return hook
 
     try:
         for tap in taps:
-            handles.append(unet.get_submodule(tap.module).register_forward_hook(make_hook(tap.name)))
+            handles.append(unet.get_submodule(tap.module).register_forward_hook(make_hook(tap)))
         yield features
     finally:
         for handle in handles:
@@ -206,21 +266,36 @@ def run_to_taps(
     taps: Sequence[Tap],
     stop_early: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Run ``unet`` and return ``{tap name: (B, C, h, w)}``, stopping after the last tap.
+    """Run an SD-style ``unet`` and return ``{tap name: (B, C, h, w)}``, stopping after the last tap.
 
-    ``timestep`` may be a float (the student's learnable scalar) or a ``(B,)`` tensor.
-    Gradients flow through the returned features as usual (the partial graph is complete).
+    ``timestep`` may be a float (the student's learnable scalar) or a ``(B,)`` tensor, in the U-Net's
+    own units. ``encoder_hidden_states`` may be a tensor or a :class:`~cleandift.backbones.conditioning.
+    Conditioning` (its hidden states are used). Gradients flow through the returned features as usual
+    (the partial graph is complete). Families with more conditioning go through
+    :meth:`DiffusionBackbone.run_taps <cleandift.backbones.base.DiffusionBackbone.run_taps>`.
     """
+    encoder_hidden_states = getattr(encoder_hidden_states, "hidden_states", encoder_hidden_states)
     if not isinstance(timestep, torch.Tensor):
         timestep = torch.tensor(float(timestep), device=sample.device)
     if timestep.ndim == 0:
         timestep = timestep.expand(sample.shape[0])
-    with capture_taps(unet, taps, stop_early=stop_early) as features:
+    return stop_after_taps(unet, taps, dict(sample=sample, timestep=timestep,
+                                            encoder_hidden_states=encoder_hidden_states), stop_early=stop_early)
+
+
+def stop_after_taps(denoiser: nn.Module, taps: Sequence[Tap], inputs: dict, stop_early: bool = True,
+                    grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Call ``denoiser(**inputs, return_dict=False)`` with tap hooks; ``{tap: (B, C, h, w)}``, in ``taps`` order.
+
+    The family-agnostic core of every feature read: a family builds ``inputs`` (its conditioning,
+    timestep units, packed latents) and this runs the forward only as far as the last tap.
+    """
+    with capture_taps(denoiser, taps, stop_early=stop_early, grid=grid) as features:
         try:
-            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+            denoiser(**inputs, return_dict=False)
         except _StopForward:
             pass
     missing = [t.name for t in taps if t.name not in features]
-    if missing:  # pragma: no cover - would mean the U-Net skipped a module
-        raise RuntimeError(f"the U-Net forward never reached tap(s) {missing}")
+    if missing:  # pragma: no cover - would mean the forward skipped a module
+        raise RuntimeError(f"the {type(denoiser).__name__} forward never reached tap(s) {missing}")
     return {t.name: features[t.name] for t in taps}

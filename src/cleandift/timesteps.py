@@ -9,6 +9,9 @@ inference schedule (which runs backwards and caused the confusion in several pee
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .errors import TimestepError
@@ -19,16 +22,29 @@ DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 DIFT_TIMESTEP = 261
 
 
-def validate_timestep(t: float, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS, what: str = "t") -> float:
-    """Check that ``t`` lies in ``[0, num_train_timesteps - 1]`` and return it unchanged."""
+def validate_timestep(t: float, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS, what: str = "t",
+                      integer: bool = False) -> float:
+    """Check that ``t`` is a finite number in ``[0, num_train_timesteps - 1]`` and return it unchanged.
+
+    ``integer=True`` also requires a whole number: noising uses the schedule at integer timesteps, so a
+    fractional ``t`` is refused instead of being silently truncated. The student's timestep *input*
+    (clean mode) may be fractional: the released students learned 261.x.
+    """
     t_max = num_train_timesteps - 1
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TimestepError(f"{what} must be a number in [0, {t_max}], got {t!r}")
+    shown = int(t) if float(t).is_integer() else t  # "t=1000", not "t=1000.0", for a CLI float
+    if not math.isfinite(t):
+        raise TimestepError(f"{what}={t} is not a finite number; pass a timestep in [0, {t_max}] "
+                            f"(DIFT uses t={DIFT_TIMESTEP} for correspondence)")
     if not 0 <= t <= t_max:
         raise TimestepError(
-            f"{what}={t} is outside [0, {t_max}]: t is the training timestep of the diffusion model "
+            f"{what}={shown} is outside [0, {t_max}]: t is the training timestep of the diffusion model "
             f"(0 = clean, {t_max} = pure noise); DIFT uses t={DIFT_TIMESTEP} for correspondence"
         )
+    if integer and t != int(t):
+        raise TimestepError(f"{what}={t} is not a whole number: noise is added at integer training timesteps "
+                            f"(0, 1, ..., {t_max}); use {math.floor(t)} or {math.ceil(t)}")
     return t
 
 

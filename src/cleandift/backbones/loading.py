@@ -7,21 +7,19 @@ it failed, and the flags that fix it.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import BackboneNotFoundError
+from ..hub import hub_cache_dir, hub_endpoint, hub_unreachable_reason, in_hub_cache, offline_mode
 from .base import DiffusionBackbone
 from .presets import PRESETS, get_preset
 from .stable_diffusion import StableDiffusionBackbone
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def offline_mode() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
 def load_backbone(
@@ -35,6 +33,10 @@ def load_backbone(
     variant: str | None = None,
 ) -> DiffusionBackbone:
     """Load a backbone.
+
+    Hub ids are loaded from the local HF cache when it has them (no network); otherwise the hub is
+    checked once (a request bounded to 1.5 s) and, when it cannot be reached, the error says so right
+    away instead of retrying every file of every mirror for over a minute.
 
     Args:
         model: a preset name (``sd15``, ``sd21``, ``mini``), a diffusers pipeline folder, a hub repo
@@ -56,19 +58,78 @@ def load_backbone(
         return load_bundled_mini(device=device, dtype=dtype)
     candidates = list(preset.sources) if preset else [model]
     resolution = resolution or (preset.resolution if preset else None)
-    errors: list[str] = []
+    errors: dict[str, str] = {}
+    # pass 1: local files and hub ids already in the HF cache -- no network
     for source in candidates:
-        try:
-            backbone = _load_source(source, dtype, resolution, local_files_only, single_file_config, variant)
-        except BackboneNotFoundError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - collected and reported below
-            errors.append(f"  - {source}: {type(exc).__name__}: {_first_line(exc)}")
+        hub = is_hub_id(source)
+        if hub and not _cached_pipeline(source):
+            errors[source] = f"not in the local Hugging Face cache ({hub_cache_dir()})"
             continue
-        if preset:
-            backbone.name = preset.name
-        return backbone.to(device=device or "cpu")
+        offline = local_files_only or hub or _single_file_offline(source, single_file_config)
+        backbone = _try_source(source, errors, dtype, resolution, offline, single_file_config, variant)
+        if backbone is not None:
+            return _finish(backbone, preset, device)
+    # pass 2: download the hub ids, if allowed and the hub answers
+    online = [source for source in candidates if is_hub_id(source)]
+    if local_files_only or not online:
+        raise BackboneNotFoundError(_not_found_message(model, errors, local_files_only))
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise BackboneNotFoundError(_unreachable_message(model, online, reason))
+    for source in online:
+        backbone = _try_source(source, errors, dtype, resolution, False, single_file_config, variant)
+        if backbone is not None:
+            return _finish(backbone, preset, device)
     raise BackboneNotFoundError(_not_found_message(model, errors, local_files_only))
+
+
+def is_hub_id(source: str) -> bool:
+    """``owner/repo`` that is not an existing local path (a path always wins over a hub id)."""
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        return False
+    return not Path(source).expanduser().exists()
+
+
+def _cached_pipeline(repo_id: str) -> bool:
+    return any(in_hub_cache(repo_id, name) for name in ("model_index.json", "unet/config.json"))
+
+
+def _single_file_offline(source: str, single_file_config: str | None) -> bool:
+    """A single file is loaded offline when its configs are local or the hub (their default source) is down."""
+    if not Path(source).expanduser().is_file():
+        return False
+    if single_file_config and not is_hub_id(single_file_config):
+        return True
+    return hub_unreachable_reason() is not None
+
+
+def _try_source(source: str, errors: dict[str, str], dtype: torch.dtype, resolution: int | None,
+                local_files_only: bool, single_file_config: str | None,
+                variant: str | None) -> DiffusionBackbone | None:
+    """Load one candidate; on failure record why in ``errors`` (errors about a user's path propagate)."""
+    try:
+        with _quiet_hub():
+            return _load_source(source, dtype, resolution, local_files_only, single_file_config, variant)
+    except BackboneNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - collected and reported by the caller
+        errors[source] = f"{type(exc).__name__}: {_first_line(exc)}"
+        return None
+
+
+def _finish(backbone: DiffusionBackbone, preset, device: torch.device | str | None) -> DiffusionBackbone:
+    if preset:
+        backbone.name = preset.name
+    return backbone.to(device=device or "cpu")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Hide a deprecation warning diffusers triggers inside huggingface_hub on every download: noise the
+    user can do nothing about (download retries on a flaky network stay visible)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def _load_source(source: str, dtype: torch.dtype, resolution: int | None, local_files_only: bool,
@@ -83,15 +144,31 @@ def _load_source(source: str, dtype: torch.dtype, resolution: int | None, local_
 
         if is_pixel_backbone_folder(path):
             return load_pixel_backbone(path, dtype=dtype)
+        family = _other_family(str(path), True)
+        if family is not None:
+            return family.loader()(str(path), dtype=dtype, resolution=resolution, local_files_only=True,
+                                   variant=variant)
         if not (path / "unet").is_dir():
             raise BackboneNotFoundError(
                 f"{path}: not a diffusers pipeline folder (no 'unet' subfolder); expected "
                 "unet/, vae/, text_encoder/, tokenizer/, scheduler/ as written by save_pretrained"
             )
         return _load_pipeline_folder(str(path), dtype, resolution, True, None)
-    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if not is_hub_id(source):
         raise FileNotFoundError(f"no such file or folder: {source}")
+    family = _other_family(source, local_files_only)
+    if family is not None:
+        return family.loader()(source, dtype=dtype, resolution=resolution, local_files_only=local_files_only,
+                               variant=variant)
     return _load_pipeline_folder(source, dtype, resolution, local_files_only, variant)
+
+
+def _other_family(source: str, local_files_only: bool):
+    """The :class:`~.families.Family` of a folder / repo whose pipeline is not SD 1.x/2.x (else ``None``)."""
+    from .families import family_for, pipeline_class_of  # noqa: PLC0415
+
+    family = family_for(pipeline_class_of(source, local_files_only))
+    return family if family is not None and family.name != "stable-diffusion" else None
 
 
 def _load_pipeline_folder(source: str, dtype: torch.dtype, resolution: int | None, local_files_only: bool,
@@ -142,13 +219,48 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-def _not_found_message(model: str, errors: list[str], local_files_only: bool) -> str:
-    presets = ", ".join(PRESETS)
-    lines = [f"could not load backbone {model!r}; tried:", *errors, "fix it with one of:"]
-    lines.append("  --model /path/to/diffusers-folder   (a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
-    lines.append("  --model /path/to/model.safetensors [--model-config DIR]   (a single-file SD checkpoint)")
+def _not_found_message(model: str, errors: dict[str, str], local_files_only: bool) -> str:
+    lines = [f"could not load backbone {model!r}; tried:", *(f"  - {src}: {why}" for src, why in errors.items())]
+    gated = [src for src, why in errors.items() if _is_gated(why)]
+    preset = get_preset(model)
+    if gated or (preset is not None and preset.gated and not local_files_only):
+        repos = ", ".join(gated or preset.sources)
+        lines.append(f"{repos} is a gated model: accept the licence on its hub page and log in "
+                     "(`huggingface-cli login` or HF_TOKEN) before loading it")
+    lines.append("fix it with one of:")
+    lines += _fix_lines()
     lines.append("  --model owner/repo   (another hub id or mirror; needs network or a filled HF cache)")
     if local_files_only:
         lines.append("  unset HF_HUB_OFFLINE (offline mode only finds models already in the HF cache)")
-    lines.append(f"  presets: {presets}, and 'mini' (the bundled offline model); see `cleandift env`")
+    lines.append(f"  {_presets_line()}")
     return "\n".join(lines)
+
+
+def _is_gated(why: str) -> bool:
+    """huggingface_hub's answer for a gated repo without an accepted licence (401 / 403 / GatedRepoError)."""
+    return any(k in why for k in ("GatedRepoError", "gated", "401 Client Error", "403 Client Error"))
+
+
+def _unreachable_message(model: str, sources: list[str], reason: str) -> str:
+    lines = [f"could not load backbone {model!r}: the Hugging Face hub ({hub_endpoint()}) cannot be reached "
+             f"({reason})",
+             f"  and the local cache ({hub_cache_dir()}) does not hold {', '.join(sources)}",
+             "fix it with one of:"]
+    lines += _fix_lines()
+    lines.append("  go online once to download it into the cache (afterwards HF_HUB_OFFLINE=1 loads it with "
+                 "no network at all), or set HF_ENDPOINT to a reachable mirror")
+    lines.append(f"  {_presets_line()}")
+    return "\n".join(lines)
+
+
+def _fix_lines() -> list[str]:
+    return [
+        "  --model /path/to/diffusers-folder   (a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/)",
+        "  --model /path/to/model.safetensors [--model-config DIR]   (a single-file SD checkpoint)",
+        "  --model mini   (the bundled model: no download, runs on a CPU)",
+    ]
+
+
+def _presets_line() -> str:
+    hub = ", ".join(name for name in PRESETS if name != "mini")
+    return f"presets: {hub} (downloaded from the hub), mini (bundled, offline); see `cleandift env`"

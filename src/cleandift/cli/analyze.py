@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
-from ..timesteps import validate_timestep
 from .common import add_model_args, resolve_device
 from .eval_probes import TASK_DEFAULTS, add_feature_args, add_train_args, feature_spec, load_model, train_config
 
@@ -32,6 +31,8 @@ DEFAULT_VARIANCE_TS = "0,50,100:1000:100,999"
 
 def parse_timesteps(text: str) -> list[int]:
     """``"0,50,100:1000:100"`` -> sorted unique ints, each checked to lie in ``[0, 999]``."""
+    from ..timesteps import validate_timestep  # noqa: PLC0415 - imports torch; keep `--help` fast
+
     values: list[int] = []
     for item in (s.strip() for s in str(text).split(",")):
         if not item:
@@ -72,7 +73,7 @@ def _register_sweep(sub) -> None:
                                    "(--checkpoint) and on the frozen model fed clean images at each t.")
     p.add_argument("--task", required=True, choices=sorted(TASK_DEFAULTS), help="probe task")
     p.add_argument("--root", required=True, help="dataset folder of the task")
-    p.add_argument("--ts", type=parse_timesteps, default=parse_timesteps(DEFAULT_SWEEP_TS),
+    p.add_argument("--ts", type=parse_timesteps, default=DEFAULT_SWEEP_TS,
                    help=f"timesteps (default {DEFAULT_SWEEP_TS})")
     p.add_argument("--ensemble", type=int, default=1, help="noise draws per noisy feature (default 1)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive-clean baseline")
@@ -91,7 +92,7 @@ def _register_variance(sub) -> None:
                                    "report the explained fractions per tap and t.")
     p.add_argument("--images", required=True, help="image folder / file / glob")
     p.add_argument("--taps", default="us6", help="tap(s), comma-separated (default us6)")
-    p.add_argument("--ts", type=parse_timesteps, default=parse_timesteps(DEFAULT_VARIANCE_TS),
+    p.add_argument("--ts", type=parse_timesteps, default=DEFAULT_VARIANCE_TS,
                    help=f"timesteps (default {DEFAULT_VARIANCE_TS})")
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's resolution)")
     p.add_argument("--resize", default="crop", choices=("stretch", "pad", "crop"), help="default crop")

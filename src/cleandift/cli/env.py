@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import platform
 
 
@@ -14,6 +13,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _version(name: str) -> str:
+    import importlib.metadata as md  # noqa: PLC0415 - ~40 ms; only `env` needs it
+
     try:
         return md.version(name)
     except md.PackageNotFoundError:
@@ -22,13 +23,18 @@ def _version(name: str) -> str:
 
 def cached_sources(source: str) -> bool:
     """Whether a hub repo's U-Net config is already in the local HF cache (no network used)."""
-    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+    from ..hub import in_hub_cache  # noqa: PLC0415
 
-    try:
-        found = try_to_load_from_cache(source, "unet/config.json")
-    except Exception:  # noqa: BLE001 - malformed ids etc.
-        return False
-    return isinstance(found, str)
+    return in_hub_cache(source, "unet/config.json") is not None
+
+
+def hub_status() -> str:
+    """One line: can models be downloaded right now (a bounded check, about a second at most)?"""
+    from ..hub import hub_cache_dir, hub_endpoint, hub_unreachable_reason  # noqa: PLC0415
+
+    reason = hub_unreachable_reason()
+    state = "yes" if reason is None else f"no ({reason})"
+    return f"{hub_endpoint()} reachable: {state}; cache {hub_cache_dir()}"
 
 
 def backbone_status() -> list[tuple[str, str, str]]:
@@ -67,6 +73,7 @@ def run(args) -> int:
         print("cuda            not available")
     mps = getattr(torch.backends, "mps", None)
     print(f"mps             {'available' if mps is not None and mps.is_available() else 'not available'}")
+    print(f"hub             {hub_status()}")
     print("backbones (loadable offline?):")
     for name, sources, status in backbone_status():
         print(f"  {name:<6} {status:<40} {sources}")

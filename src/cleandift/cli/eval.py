@@ -44,7 +44,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def add_correspondence_args(p: argparse.ArgumentParser) -> None:
     from ..eval.presets import DESCRIPTORS, PRESETS  # noqa: PLC0415
 
-    p.add_argument("--root", required=True, metavar="DATASET_DIR", help="dataset folder (e.g. .../SPair-71k)")
+    p.add_argument("--root", required=True, metavar="DATASET_DIR",
+                   help="dataset folder: SPair-71k (JPEGImages/, ImageAnnotation/, PairAnnotation/) or PF-Pascal "
+                        "(JPEGImages/ + the pair CSVs)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="protocol preset (default: dift-spair; cleandift-spair with --mode clean or "
                         "--checkpoint)")
@@ -89,6 +91,9 @@ def add_correspondence_args(p: argparse.ArgumentParser) -> None:
                         "(default: a temporary folder)")
     p.add_argument("--out", default=None, metavar="RESULTS.json",
                    help="results JSON (default: cleandift_eval_<dataset>_<split>.json)")
+    p.add_argument("--label", default=None,
+                   help="name of this run, stored in the results; `viz curves` draws one curve per label "
+                        "(default: the preset, with the settings that differ when runs are compared)")
 
 
 def settings_from_args(args):
@@ -147,7 +152,8 @@ def run_correspondence_cmd(args) -> int:
     log.info("settings: %s", json.dumps(settings.as_dict(), sort_keys=True))
     out = args.out or f"cleandift_eval_{settings.dataset}_{settings.split.replace('/', '_')}.json"
     load_kwargs = {"single_file_config": args.single_file_config} if args.single_file_config else None
-    result = run_correspondence(settings, args.root, out=out, cache_dir=args.cache, load_kwargs=load_kwargs)
+    result = run_correspondence(settings, args.root, out=out, cache_dir=args.cache, load_kwargs=load_kwargs,
+                                label=args.label)
     print(result.table())
     print(f"\nwrote {out}")
     return 0

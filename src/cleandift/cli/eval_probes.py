@@ -9,8 +9,13 @@ subparsers. Examples::
     cleandift eval knn   --root data/imagenet --model sd15 --checkpoint cleandift_sd15_unet.safetensors --taps mid
 
 Modes: ``clean`` -- the student (``--checkpoint``) on the clean image, one pass; ``noisy`` -- DIFT
-features at ``--t`` averaged over ``--ensemble`` draws; ``naive`` -- the frozen model on the clean
-image told timestep ``--t`` (the paper's "naive clean" baseline).
+features at ``--t`` averaged over ``--ensemble`` draws; ``naive-clean`` (alias ``naive``) -- the frozen
+model on the clean image told timestep ``--t`` (the paper's "naive clean" baseline). ``clean`` without
+a checkpoint *is* that baseline: it is warned about and recorded as ``naive-clean``.
+
+Result files: ``mode`` is the method that produced the features (``clean`` = a CleanDIFT student,
+``noisy``, ``naive-clean``); rates (``top1``, ``miou``, ``pixel_accuracy``, ``delta1``) are fractions in
+[0, 1] like every rate cleandift writes (``rmse`` in metres, ``abs_rel`` a ratio).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..eval.pooling import READOUTS
+from ..constants import READOUTS
 from .common import add_model_args, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -84,17 +89,32 @@ def add_feature_args(parser: argparse.ArgumentParser, task: str | None) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+#: What ``--root`` is, per task.
+ROOT_HELP = {
+    "depth": "NYUv2: the labelled .mat file (or a folder holding nyu_depth_v2_labeled.mat), or a folder of "
+             "[<split>/]rgb/ images + depth/ 16-bit PNGs in mm",
+    "seg": "PASCAL VOC 2012: a folder with ImageSets/Segmentation/, JPEGImages/ and SegmentationClass/ "
+           "(itself, or under VOC2012/ or VOCdevkit/VOC2012/)",
+    "knn": "an ImageFolder tree: <root>/<split>/<class>/<image> (splits from --train-split and --split)",
+}
+#: ``--mode`` spellings -> what results record (``naive`` is the older spelling of ``naive-clean``).
+MODES = ("clean", "noisy", "naive-clean", "naive")
+
+
 def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
-    parser.add_argument("--root", required=True, help="dataset folder (or NYUv2 .mat file)")
+    parser.add_argument("--root", required=True, metavar="DATASET", help=ROOT_HELP[task])
     add_model_args(parser)
     d = TASK_DEFAULTS[task]
     mode = parser.add_argument_group("extraction mode")
-    mode.add_argument("--mode", default="clean", choices=("clean", "noisy", "naive"),
-                      help="clean student (default), noisy DIFT features, or naive clean (frozen model)")
+    mode.add_argument("--mode", default="clean", choices=MODES,
+                      help="clean: the CleanDIFT student of --checkpoint (default); noisy: DIFT features; "
+                           "naive-clean (or naive): the frozen model on clean images at --t, a baseline. clean "
+                           "without --checkpoint is that baseline and is recorded as naive-clean")
     mode.add_argument("--t", type=int, default=d["t"], help=f"timestep of noisy / naive mode (default {d['t']})")
     mode.add_argument("--ensemble", type=int, default=1, help="noise draws averaged in noisy mode (default 1)")
     add_feature_args(parser, task)
     parser.add_argument("--out", default=None, help="write results JSON here (default: print to stdout)")
+    parser.add_argument("--label", default=None, help="name of this run, stored in the results (plots use it)")
 
 
 def add_train_args(parser: argparse.ArgumentParser, save_flag: bool = True) -> None:
@@ -138,12 +158,20 @@ def make_extractor(args: argparse.Namespace, backbone, student, student_timestep
 
     if args.mode == "noisy":
         return NoisyExtractor(backbone, t=args.t, ensemble=args.ensemble, taps=args.taps)
-    if args.mode == "naive":
+    if args.mode in ("naive", "naive-clean"):
         return CleanExtractor(backbone, unet=backbone.unet, timestep=args.t, taps=args.taps)
     if student is None:
         logger.warning("--mode clean without --checkpoint: using the frozen model on clean images at t=%g "
-                       "(the 'naive clean' baseline, not CleanDIFT)", student_timestep)
+                       "(the naive-clean baseline, not CleanDIFT); results are recorded as 'naive-clean'",
+                       student_timestep)
     return CleanExtractor(backbone, unet=student, timestep=student_timestep, taps=args.taps)
+
+
+def recorded_mode(args: argparse.Namespace) -> str:
+    """The method results are labelled with (:func:`cleandift.eval.presets.feature_method`)."""
+    from ..eval.presets import feature_method  # noqa: PLC0415
+
+    return feature_method("naive-clean" if args.mode == "naive" else args.mode, args.checkpoint)
 
 
 def feature_spec(args: argparse.Namespace):
@@ -172,8 +200,13 @@ def _probe_path(args: argparse.Namespace) -> str | None:
 def _write_results(args: argparse.Namespace, result, extractor) -> None:
     from ..eval.probe_common import extractor_identity  # noqa: PLC0415
 
-    payload = {**result.to_dict(), "mode": args.mode, "model": args.model, "checkpoint": args.checkpoint,
+    mode = recorded_mode(args)
+    payload = {**result.to_dict(), "mode": mode, "model": args.model, "checkpoint": args.checkpoint,
                "extractor": extractor_identity(extractor)}
+    if mode != args.mode:
+        payload["requested_mode"] = args.mode
+    if args.label:
+        payload["label"] = args.label
     text = json.dumps(payload, indent=2, default=str)
     if args.out:
         out = Path(args.out)
@@ -183,7 +216,7 @@ def _write_results(args: argparse.Namespace, result, extractor) -> None:
     else:
         sys.stdout.write(text + "\n")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-    logger.info("%s (%s): %s", result.task, args.mode, summary)
+    logger.info("%s (%s): %s", result.task, mode, summary)
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -35,10 +35,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the *current* ``sys.stderr`` (tests and ``redirect_stderr`` swap it between calls)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our messages at INFO on stderr; other libraries keep their own handlers and levels.
+
+    Configuring the root logger instead would print every message of a library that has its own
+    handler twice (huggingface_hub's "Retrying in 1s" lines did) and surface their INFO chatter.
+    ``-v`` turns on DEBUG for everything.
+    """
+    ours = logging.getLogger("cleandift")
+    if not any(isinstance(h, _StderrHandler) for h in ours.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = not verbose  # with -v the root handler below prints everything else, ours once
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    _configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from pathlib import Path
-
-import torch
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from ..pretrain.train import PretrainConfig  # noqa: PLC0415
+    from ..pretrain.config import PretrainConfig  # noqa: PLC0415
 
     d = PretrainConfig()
     p = subparsers.add_parser(
         "pretrain-mini",
         help="pretrain the bundled pixel-space diffusion model on Fashion-MNIST (CPU, resumable)",
         description="Class-conditional DDPM (epsilon, SD's scaled-linear schedule) with SD's U-Net block pattern on "
-                    "Fashion-MNIST at 32x32. Checkpoints atomically to OUT/last.pt every --checkpoint-every steps; "
-                    "--resume continues exactly where it stopped. --export writes the EMA weights as a "
-                    "loadable fp16 folder plus a model card.",
+                    "Fashion-MNIST at 32x32. Checkpoints atomically to OUT/last.safetensors (safetensors + JSON: "
+                    "reading it never runs code) every --checkpoint-every steps; --resume continues exactly where "
+                    "it stopped. SIGTERM, SIGHUP and Ctrl-C finish the step, checkpoint and exit (128 + signal). "
+                    "--export writes the EMA weights as a loadable fp16 folder plus a model card.",
     )
     p.add_argument("--data", default=d.data, help=f"folder with the idx(.gz) files or the images idx path "
                                                   f"(default: {d.data})")
@@ -42,12 +40,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"torch CPU threads (default {d.threads}: leaves the other core free)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
-                   help="also keep an EMA-only snapshot step_NNNNNN.pt every this many steps (0 = never)")
+                   help="also keep an EMA-only snapshot step_NNNNNN.safetensors every this many steps (0 = never)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--init-from", default=None, metavar="LAST_PT",
-                   help="start a new run in --out from another run's last.pt (weights, EMA, optimizer, step) and "
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start a new run in --out from another run (its folder or last.safetensors: weights, EMA, "
+                        "optimizer, step) and "
                         "continue it under this command's recipe, e.g. a different --label-dropout; --steps is "
                         "the new total and must exceed the checkpoint's step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
@@ -55,24 +54,16 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="after training (or right away with --steps 0 / a finished run) write the EMA model "
                         "as an fp16 pixel-backbone folder + model card to DIR")
     p.add_argument("--export-only", action="store_true",
-                   help="only export the last checkpoint of --out (read-only: safe while that run is training)")
+                   help="only export the last checkpoint of --out, or the checkpoint file --out names (read-only: safe "
+                        "while that run is training)")
     p.add_argument("--card-samples", type=int, default=8, help="samples per class in the model card grid")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the model card samples")
     p.set_defaults(func=run)
     return p
 
 
-def _stop_on_sigterm(trainer):
-    """SIGTERM finishes the current step, checkpoints and exits (no work lost); returns the old handler."""
-
-    def handler(_signum, _frame) -> None:
-        trainer.stop_requested = True
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def _config(args: argparse.Namespace):
-    from ..pretrain.train import PretrainConfig  # noqa: PLC0415
+    from ..pretrain.config import PretrainConfig  # noqa: PLC0415
 
     channels = tuple(int(c) for c in str(args.channels).split(",") if c.strip())
     return PretrainConfig(data=str(args.data), out=str(args.out), steps=args.steps, batch_size=args.batch_size,
@@ -84,8 +75,11 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
     from ..errors import ConfigError  # noqa: PLC0415
     from ..pretrain.train import open_run, read_run  # noqa: PLC0415
+    from ..signals import exit_code, stop_on_signals  # noqa: PLC0415
 
     torch.set_num_threads(max(1, args.threads))
     if args.export_only:
@@ -104,14 +98,13 @@ def run(args: argparse.Namespace) -> int:
              trainer.config.batch_size, torch.get_num_threads(),
              f"{sum(p.numel() for p in trainer.model.unet.parameters()):,}")
     if trainer.step < trainer.config.steps:
-        previous = _stop_on_sigterm(trainer)
-        try:
+        # SIGTERM / SIGHUP (schedulers) and SIGINT (Ctrl-C) finish the step, checkpoint, and exit 128 + signum
+        with stop_on_signals() as stop:
+            trainer.stop_signal = stop
             trainer.run(max_steps=args.max_steps)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if trainer.stop_requested:
-            print(f"stopped by SIGTERM at step {trainer.step} (checkpointed); continue with --resume")
-            return 143
+        if stop.requested:
+            print(f"stopped by {stop.name} at step {trainer.step} (checkpointed); continue with --resume")
+            return exit_code(stop.signum)
     if args.export:
         from ..pretrain.export import export_run  # noqa: PLC0415
 

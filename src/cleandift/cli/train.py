@@ -12,6 +12,13 @@ Examples::
 Flags override the YAML file, which overrides the preset; the resolved config is saved to
 RUN_DIR/config.yaml. The trained student is exported to RUN_DIR/export (load it with
 ``--checkpoint RUN_DIR/export`` in the other commands).
+
+--resume continues from the newest intact checkpoint (sha256-verified; a damaged newer one is
+reported and moved aside) and refuses changed hyper-parameters: only --max-steps,
+--checkpoint-every, --keep-checkpoints, --val-every, --workers, --device, --out, --no-export (and
+log_every) may change. SIGTERM / SIGHUP / SIGINT finish the current step, write a checkpoint and exit
+with 128 + the signal number (143 / 129 / 130); a second signal stops at once. A non-finite loss,
+gradient or weight stops the run (exit 2) without saving or exporting it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..train.config import OPTIMIZERS
+from ..constants import OPTIMIZERS
 from .common import add_model_args
 
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -139,6 +146,12 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train.loop import train  # noqa: PLC0415
 
     result = train(config, resume=args.resume)
+    if result.stopped_by is not None:
+        from ..signals import exit_code, signal_name  # noqa: PLC0415
+
+        print(f"stopped by {signal_name(result.stopped_by)} after step {result.step}/{config.max_steps}: "
+              f"checkpointed to {result.checkpoint}; continue with: cleandift train --out {result.run_dir} --resume")
+        return exit_code(result.stopped_by)
     loss = f"{result.loss:.5f}" if result.loss is not None else "n/a"
     print(f"trained {result.step} steps in {result.run_dir} (final loss {loss}"
           + (f", validation {result.val_loss:.5f}" if result.val_loss is not None else "")

@@ -2,13 +2,13 @@
 
 Subcommands::
 
-    cleandift viz pca IMAGE... --out DIR            # PCA -> RGB of the features (issue E6)
+    cleandift viz pca IMAGE... --out DIR            # PCA -> RGB of the features
     cleandift viz match SRC TRG --points "x,y;x,y" --out FILE.png [--gt "x,y;..."]
     cleandift viz heatmap SRC TRG --point x,y --out FILE.png
     cleandift viz curves RESULTS.json... --out FILE.png
 
 Features are SD taps (``--features sd``, clean or noisy), DINOv2 (``dinov2``) or a fusion
-(``sd-dino``, ``tlfr``; issue F2). Points are ``x,y`` in pixels of the original image (pixel
+(``sd-dino``, ``tlfr``). Points are ``x,y`` in pixels of the original image (pixel
 centres at integers); they are mapped into the model frame and back exactly.
 """
 
@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..images import RESIZE_POLICIES
+from ..constants import RESIZE_POLICIES
 from .common import add_model_args, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def _add_match_args(p: argparse.ArgumentParser) -> None:
 def _pca_parser(sub) -> None:
     p = sub.add_parser("pca", help="PCA -> RGB of each image's features (first component = foreground mask)",
                        description="Fit one PCA on the features of all given images, threshold the first "
-                                   "component for the foreground and show the next three as RGB (issue E6).")
+                                   "component for the foreground and show the next three as RGB (CleanDIFT Fig. 16, "
+                                   "DINOv2 Fig. 1).")
     p.add_argument("images", nargs="+", help="image files, folders or globs")
     _add_feature_args(p)
     p.add_argument("--out", required=True, help="output folder (one <stem>_pca.png per image)")
@@ -132,10 +134,13 @@ def _heatmap_parser(sub) -> None:
 
 def _curves_parser(sub) -> None:
     p = sub.add_parser("curves", help="PCK (or any score) vs timestep from result / sweep JSONs",
-                       description="`cleandift eval` results: noisy runs of one preset form a curve over t, "
-                                   "t-independent ones (clean) become horizontal lines. Timestep sweeps "
-                                   "(`cleandift analyze sweep`) and {\"curves\": {name: {\"t\": [...], "
-                                   "\"pck\": [...]}}, \"constants\": {name: value}} files are read too.")
+                       description="`cleandift eval` results: noisy runs of one preset (or one `eval --label`) "
+                                   "form a curve over t, t-independent ones (clean) become horizontal lines. Runs "
+                                   "whose settings differ are never merged: each gets its own curve, labelled by "
+                                   "what differs (e.g. ensemble=1 vs ensemble=8), or by file name when two files "
+                                   "give the same point. Timestep sweeps (`cleandift analyze sweep`) and "
+                                   "{\"curves\": {name: {\"t\": [...], \"pck\": [...]}}, \"constants\": "
+                                   "{name: value}} files are read too.")
     p.add_argument("results", nargs="+", help="result, sweep or curves JSON files")
     p.add_argument("--metric", default=DEFAULT_METRIC, help=f"result key to plot (default {DEFAULT_METRIC})")
     p.add_argument("--title", default=None)
@@ -358,64 +363,166 @@ def run_curves(args) -> int:
     return 0
 
 
+#: Settings that never change a result's value: runs differing only in these are the same run.
+_VOLATILE_SETTINGS = frozenset({"device", "chunk_size", "preset"})
+#: Settings a mode ignores (noisy: the student's; clean: the noise's).
+_UNUSED_BY_MODE = {"noisy": frozenset({"clean_timestep", "checkpoint"}),
+                   "clean": frozenset({"t", "ensemble", "noise"})}
+
+
+@dataclass
+class _Point:
+    """One plotted value: ``t is None`` for a horizontal line. ``run`` identifies the run's settings."""
+
+    label: str
+    t: float | None
+    value: float
+    source: Path
+    run: dict | None = None
+
+
 def read_curves(paths: list[Path], metric: str = DEFAULT_METRIC) -> tuple[dict, dict, str]:
     """``({label: (ts, values)}, {label: value}, y label)`` from result, sweep and curve files.
 
     Understood: ``cleandift eval`` results (``results`` + ``settings``: noisy runs with a ``t``
-    form a curve per preset, others are constants), timestep sweeps (``rows`` of ``method``, ``t``,
-    ``score``; rows without ``t`` are constants) and ``{"curves": ..., "constants": ...}`` files.
+    form a curve per preset (or per ``label``, set with ``eval --label``), others are constants),
+    timestep sweeps (``rows`` of ``method``, ``t``, ``score``; rows without ``t`` are constants) and
+    ``{"curves": ..., "constants": ...}`` files.
+
+    Runs are kept apart, never merged: results of one preset whose settings differ (other than ``t``)
+    become separate curves labelled by what differs (e.g. ``dift-spair (ensemble=1)``), and two values
+    that would still land on the same point get their file's name. A point that cannot be told apart
+    even then (the same file holds it twice) is an error, not a silent overwrite.
     """
     from ..errors import ConfigError  # noqa: PLC0415
 
-    points: dict[str, dict[float, float]] = {}
-    constants: dict[str, float] = {}
+    points: list[_Point] = []
     ylabels: set[str] = set()
     for path in paths:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not a readable JSON file ({exc})") from exc
         prefix = f"{path.stem}: " if len(paths) > 1 else ""
         for record in data if isinstance(data, list) else [data]:
-            ylabels.add(_read_record(record, path, metric, prefix, points, constants))
-    curves = {label: (sorted(v), [v[t] for t in sorted(v)]) for label, v in points.items()}
+            ylabels.add(_read_record(record, path, metric, prefix, points))
+    points = _separate_runs(points)
+    curves: dict[str, dict[float, float]] = {}
+    constants: dict[str, float] = {}
+    for p in points:
+        if p.t is None:
+            constants[p.label] = p.value
+        else:
+            curves.setdefault(p.label, {})[p.t] = p.value
     if not curves and not constants:
         raise ConfigError("no plottable results in " + ", ".join(map(str, paths)))
-    return curves, constants, ylabels.pop() if len(ylabels) == 1 else "score"
+    curves_out = {label: (sorted(v), [v[t] for t in sorted(v)]) for label, v in curves.items()}
+    return curves_out, constants, ylabels.pop() if len(ylabels) == 1 else "score"
 
 
-def _read_record(record: dict, path: Path, metric: str, prefix: str, points: dict, constants: dict) -> str:
-    """Add one record's points / constants; returns the name of what it measures."""
+def _read_record(record: dict, path: Path, metric: str, prefix: str, points: list[_Point]) -> str:
+    """Add one record's points; returns the name of what it measures."""
     from ..errors import ConfigError  # noqa: PLC0415
 
     if not isinstance(record, dict):
         raise ConfigError(f"{path}: expected JSON objects, got {type(record).__name__}")
-    if "curves" in record or "constants" in record:
-        for name, curve in (record.get("curves") or {}).items():
-            values = curve.get("pck", curve.get("values"))
-            points.setdefault(name, {}).update(zip(map(float, curve["t"]), map(float, values)))
-        constants.update({k: float(v) for k, v in (record.get("constants") or {}).items()})
-        return metric
-    if isinstance(record.get("rows"), list):  # a timestep sweep (cleandift.analysis.sweep)
-        for row in record["rows"]:
-            label = prefix + str(row.get("method", "score"))
-            if row.get("t") is None:
-                constants[label] = float(row["score"])
-            else:
-                points.setdefault(label, {})[float(row["t"])] = float(row["score"])
-        return str(record.get("metric", "score"))
+    try:
+        if "curves" in record or "constants" in record:
+            for name, curve in (record.get("curves") or {}).items():
+                values = curve.get("pck", curve.get("values"))
+                if len(curve["t"]) != len(values):
+                    raise ConfigError(f"{path}: curve {name!r} has {len(curve['t'])} timesteps but "
+                                      f"{len(values)} values")
+                points += [_Point(name, float(t), float(v), path) for t, v in zip(curve["t"], values)]
+            points += [_Point(k, None, float(v), path) for k, v in (record.get("constants") or {}).items()]
+            return metric
+        if isinstance(record.get("rows"), list):  # a timestep sweep (cleandift.analysis.sweep)
+            for row in record["rows"]:
+                t = row.get("t")
+                points.append(_Point(prefix + str(row.get("method", "score")), None if t is None else float(t),
+                                     float(row["score"]), path))
+            return str(record.get("metric", "score"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: malformed curves / sweep file ({type(exc).__name__}: {exc})") from exc
     results = record.get("results")
     if not isinstance(results, dict):
         raise ConfigError(f"{path}: not an evaluation result, a sweep or a curves file")
     if metric not in results:
         raise ConfigError(f"{path}: no result {metric!r}; available: {', '.join(sorted(results))}")
+    if results[metric] is None:
+        raise ConfigError(f"{path}: {metric!r} is undefined in this result (no keypoints counted)")
     settings = record.get("settings") or {}
-    label = record.get("label") or settings.get("preset") or \
-        f"{settings.get('descriptor', 'features')}/{settings.get('mode', '?')}"
-    if settings.get("mode") == "noisy" and settings.get("t") is not None:
-        points.setdefault(label, {})[float(settings["t"])] = float(results[metric])
+    value = float(results[metric])
+    if str((record.get("protocol") or {}).get("values", "")).startswith("percent"):
+        log.info("%s: written by an older cleandift in percent; plotted as a fraction like newer results", path)
+        value /= 100
+    explicit = record.get("label")
+    if explicit:
+        label = explicit
+    elif _method(record, settings) == "naive-clean":  # clean mode without a student: the baseline, by its name
+        label = "naive-clean"
     else:
-        if label in constants:
-            log.warning("%s: a second t-independent result for %r replaces the first", path, label)
-        constants[label] = float(results[metric])
+        label = settings.get("preset") or f"{settings.get('descriptor', 'features')}/{settings.get('mode', '?')}"
+    mode = settings.get("mode")
+    t = float(settings["t"]) if mode == "noisy" and settings.get("t") is not None else None
+    ignored = _VOLATILE_SETTINGS | _UNUSED_BY_MODE.get(mode, frozenset()) | {"t"}
+    run = None if explicit else {k: v for k, v in settings.items() if k not in ignored}
+    points.append(_Point(str(label), t, value, path, run))
     return metric
+
+
+def _method(record: dict, settings: dict) -> str | None:
+    """The result's method (``noisy`` | ``clean`` | ``naive-clean``); derived for files that predate the key."""
+    from ..eval.presets import feature_method  # noqa: PLC0415
+
+    if record.get("method"):
+        return str(record["method"])
+    if "mode" not in settings or "checkpoint" not in settings:
+        return None
+    return feature_method(settings["mode"], settings["checkpoint"], settings.get("descriptor", "diffusion"))
+
+
+def _separate_runs(points: list[_Point]) -> list[_Point]:
+    """Relabel so that each run is its own curve / line and no two values share a point."""
+    from ..errors import ConfigError  # noqa: PLC0415
+
+    for label in dict.fromkeys(p.label for p in points):
+        group = [p for p in points if p.label == label]
+        runs = [json.dumps(p.run, sort_keys=True, default=str) for p in group]
+        if len(set(runs)) > 1:
+            differing = _differing_settings([p.run or {} for p in group])
+            log.warning("%r: %d runs with different settings (%s) are drawn separately", label, len(set(runs)),
+                        ", ".join(differing))
+            for p in group:
+                p.label = f"{label} ({', '.join(f'{k}={_short(p.run.get(k) if p.run else None)}' for k in differing)})"
+    for label in dict.fromkeys(p.label for p in points):
+        group = [p for p in points if p.label == label]
+        if _has_duplicates(group) and len({p.source for p in group}) > 1:
+            log.warning("%r: more than one value at the same t in %s; one curve per file", label,
+                        ", ".join(dict.fromkeys(str(p.source) for p in group)))
+            for p in group:
+                p.label = f"{label} [{p.source.stem}]"
+    for label in dict.fromkeys(p.label for p in points):
+        group = [p for p in points if p.label == label]
+        if _has_duplicates(group):
+            first = next(p for p in group if sum(q.t == p.t for q in group) > 1)
+            where = "as a constant" if first.t is None else f"at t={first.t:g}"
+            raise ConfigError(f"{first.source}: two values for {label!r} {where} that nothing tells apart; "
+                              "give the runs distinct labels (`cleandift eval --label NAME`) or split the file")
+    return points
+
+
+def _has_duplicates(group: list[_Point]) -> bool:
+    ts = [p.t for p in group]
+    return len(ts) != len(set(ts))
+
+
+def _differing_settings(runs: list[dict]) -> list[str]:
+    keys = dict.fromkeys(k for run in runs for k in run)
+    return [k for k in keys if len({json.dumps(run.get(k), sort_keys=True, default=str) for run in runs}) > 1]
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)

@@ -38,7 +38,7 @@ from .descriptors import DenseDescriptor, PairContext
 from .matching import match_points
 from .pairs import CorrespondencePair
 from .pck import PCK, pck_key
-from .presets import CorrespondenceSettings
+from .presets import CorrespondenceSettings, feature_method
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,18 @@ class CorrespondenceResult:
     dataset: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     protocol: dict = field(default_factory=dict)
+    #: what produced the features (:func:`~cleandift.eval.presets.feature_method`): noisy | clean | naive-clean
+    method: str | None = None
+    #: a name for this run given by the user (``eval --label``); plots use it
+    label: str | None = None
 
     def to_dict(self) -> dict:
-        return {"cleandift_version": __version__, "dataset": self.dataset, "results": self.results,
-                "per_category": self.per_category, "protocol": self.protocol, "settings": self.settings,
-                "descriptor": self.descriptor, "timing": self.timing}
+        out = {"cleandift_version": __version__, "dataset": self.dataset, "method": self.method,
+               "results": self.results, "per_category": self.per_category, "protocol": self.protocol,
+               "settings": self.settings, "descriptor": self.descriptor, "timing": self.timing}
+        if self.label:
+            out["label"] = self.label
+        return out
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + ``os.replace``)."""
@@ -215,6 +222,7 @@ def evaluate_pairs(pairs: Sequence[CorrespondencePair], descriptor: DenseDescrip
         timing={"seconds": round(seconds, 3), "pairs": len(pairs), "images_extracted": extracted,
                 "images_from_cache": loaded},
         protocol=describe_protocol(settings),
+        method=feature_method(settings.mode, settings.checkpoint, settings.descriptor),
     )
 
 
@@ -225,7 +233,7 @@ def describe_protocol(settings: CorrespondenceSettings) -> dict:
     if settings.method == "soft-argmax":
         matching += f", window +-{settings.window}, temperature {settings.temperature}"
     return {
-        "values": "percent of correct keypoints (0-100)",
+        "values": "fraction of correct keypoints, 0-1 (the printed table shows percent)",
         "frame": "original target image, (x, y) pixel-index coordinates, pixel centres at integers",
         "correct": f"dist / threshold {settings.comparison} alpha (Euclidean distance in original pixels)",
         "bbox": "threshold = max(x2 - x1, y2 - y1) of the target bounding box",
@@ -284,10 +292,12 @@ def read_pairs(settings: CorrespondenceSettings, root: str | os.PathLike) -> lis
 def run_correspondence(settings: CorrespondenceSettings, root: str | os.PathLike,
                        out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                        descriptor: DenseDescriptor | None = None,
-                       progress: bool = True, load_kwargs: dict | None = None) -> CorrespondenceResult:
+                       progress: bool = True, load_kwargs: dict | None = None,
+                       label: str | None = None) -> CorrespondenceResult:
     """Read the dataset, build the descriptor (unless given), evaluate, and write ``out`` (JSON).
 
-    ``load_kwargs`` go to :func:`cleandift.backbones.load_backbone` (e.g. ``single_file_config``).
+    ``load_kwargs`` go to :func:`cleandift.backbones.load_backbone` (e.g. ``single_file_config``);
+    ``label`` names the run in the result file (``viz curves`` uses it).
     """
     pairs = read_pairs(settings, root)  # first: dataset errors before any model loads
     if descriptor is None:
@@ -297,6 +307,7 @@ def run_correspondence(settings: CorrespondenceSettings, root: str | os.PathLike
     result = evaluate_pairs(pairs, descriptor, settings, cache_dir=cache_dir, progress=progress)
     result.dataset = {"name": settings.dataset, "root": str(Path(root).expanduser()), "split": settings.split,
                       "categories": sorted({p.category for p in pairs}), "pairs": len(pairs)}
+    result.label = label
     if out is not None:
         result.write(out)
     return result
@@ -304,12 +315,13 @@ def run_correspondence(settings: CorrespondenceSettings, root: str | os.PathLike
 
 # ---------------------------------------------------------------------------------------------- output
 def format_table(results: dict, per_category: dict, alpha: float = 0.1) -> str:
-    """Overall PCK for every alpha / threshold / aggregation, then a per-category table at ``alpha``."""
+    """Overall PCK in percent for every alpha / threshold / aggregation, then a per-category table at ``alpha``
+    (the results hold fractions; this text table multiplies by 100)."""
     labels = [k for k in results if k.startswith("pck@")]
     alphas = list(dict.fromkeys(k.split("/")[0][4:] for k in labels))
     columns = list(dict.fromkeys("/".join(k.split("/")[1:]) for k in labels))  # kind/average
     width = max([len(c) for c in columns] + [18])
-    lines = ["overall".ljust(8) + "".join(c.rjust(width + 2) for c in columns)]
+    lines = ["PCK %".ljust(8) + "".join(c.rjust(width + 2) for c in columns)]
     for a in alphas:
         row = [results.get(f"pck@{a}/{c}", float("nan")) for c in columns]
         lines.append(f"@{a}".ljust(8) + "".join(_fmt(v).rjust(width + 2) for v in row))
@@ -329,7 +341,8 @@ def format_table(results: dict, per_category: dict, alpha: float = 0.1) -> str:
 
 
 def _fmt(value: float) -> str:
-    return "n/a" if value != value else f"{value:.2f}"
+    """A PCK fraction as percent with two decimals."""
+    return "n/a" if value != value else f"{100 * value:.2f}"
 
 
 def _finite(value):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,12 +145,29 @@ def score_method(method: Method, data: EvalSet, taps: list[str], batch: int) -> 
     Bank and queries go through the same extractor; noise draws come from a generator seeded by the
     data's seed, so a noisy method is reproducible. Only the query (source) extraction is timed.
     """
+    return score_method_splits(method, data, {"test": (data.pairs, data.query_labels)}, taps, batch)["test"]
+
+
+@torch.no_grad()
+def score_method_splits(method: Method, data: EvalSet, splits: dict[str, tuple[WarpPairs, torch.Tensor]],
+                        taps: list[str], batch: int) -> dict[str, Scores]:
+    """:func:`score_method` on several query sets (e.g. validation and test) against one bank extraction.
+
+    Splits are scored in the given order after the bank, from one generator: the first split's numbers
+    are those :func:`score_method` gives for it.
+    """
     g = torch.Generator().manual_seed(10_000 + data.seed)
     pooled_bank = _pooled(method.extract, data.bank, g, batch)
+    return {name: _score_queries(method, pooled_bank, data.bank_labels, pairs, labels, g, taps, batch)
+            for name, (pairs, labels) in splits.items()}
+
+
+def _score_queries(method: Method, pooled_bank: dict[str, torch.Tensor], bank_labels: torch.Tensor,
+                   pairs: WarpPairs, query_labels: torch.Tensor, g: torch.Generator, taps: list[str],
+                   batch: int) -> Scores:
     pooled_q: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
     preds: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
     seconds = 0.0
-    pairs = data.pairs
     for start in range(0, len(pairs.source), batch):
         sl = slice(start, start + batch)
         t0 = time.perf_counter()
@@ -161,10 +179,34 @@ def score_method(method: Method, data: EvalSet, taps: list[str], batch: int) -> 
             preds[tap].append(predict_matches(src[tap], trg[tap], pairs.src_xy[sl], pairs.image_size))
     out = Scores(seconds_per_image=seconds / len(pairs.source))
     for tap in taps:
-        out.knn[tap] = knn_top1(pooled_bank[tap], data.bank_labels, torch.cat(pooled_q[tap]), data.query_labels)
+        out.knn[tap] = knn_top1(pooled_bank[tap], bank_labels, torch.cat(pooled_q[tap]), query_labels)
         pck = warp_pck(torch.cat(preds[tap]), pairs)
         out.pck10[tap], out.pck05[tap] = pck["pck@0.10"], pck["pck@0.05"]
     return out
+
+
+@torch.no_grad()
+def time_method(method: Method, images: torch.Tensor, repeats: int = 5, warmup: int = 1, seed: int = 0) -> float:
+    """Median seconds per image of ``method`` on ``images`` over ``repeats`` timed calls after ``warmup``
+    untimed ones: the first call of a network pays one-off costs (allocations, kernel selection) that a
+    one-shot timing would charge to whichever method happens to run first."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(warmup):
+        method.extract(images, g)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        method.extract(images, g)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(images)
+
+
+def pick_best(val: dict[str, float], test: dict[str, float]) -> tuple[str, float]:
+    """The key with the best validation score and its *test* score (ties: the first key)."""
+    key = max(val, key=val.get)
+    return key, test[key]
 
 
 def _pooled(extract: FeatureFn, images: torch.Tensor, g: torch.Generator, batch: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ move by several points between them (GeoAware-SC #14, dhpf #3). Every choice is 
   the pixel convention -- this catches the ``-1`` padding of PF-Willow-style tensors, dhpf #3). A
   pair without valid keypoints adds nothing to either average.
 
-Values are percentages (0-100). Result keys are unambiguous: ``pck@0.10/bbox/per-point``.
+Values are fractions in [0, 1], like every rate in cleandift's result files (tables print them as
+percent). Result keys are unambiguous: ``pck@0.10/bbox/per-point``.
 
 >>> import torch
 >>> gt = torch.tensor([[10.0, 10.0], [50.0, 50.0], [-1.0, -1.0]])     # third point is padding
@@ -117,7 +118,7 @@ def pck_correct(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | t
 def pck(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: float | torch.Tensor, alpha: float = 0.1,
         comparison: Comparison = "<=", valid: torch.Tensor | None = None,
         average: str = "per-point") -> float:
-    """PCK in percent of pairs ``(B, N, 2)`` (or one pair ``(N, 2)``); ``nan`` if nothing counts."""
+    """PCK (a fraction in [0, 1]) of pairs ``(B, N, 2)`` (or one pair ``(N, 2)``); ``nan`` if nothing counts."""
     if pred_xy.ndim == 2:
         pred_xy, gt_xy = pred_xy[None], gt_xy[None]
         valid = None if valid is None else valid[None]
@@ -130,10 +131,10 @@ def _aggregate(correct: torch.Tensor, counts: torch.Tensor, average: str) -> flo
     """``per-point``: sum(correct) / sum(counts); ``per-image``: mean of correct / counts over pairs."""
     if average == "per-point":
         total = counts.sum()
-        return float(100.0 * correct.sum() / total) if total > 0 else float("nan")
+        return float(correct.sum() / total) if total > 0 else float("nan")
     if average == "per-image":
         keep = counts > 0
-        return float(100.0 * (correct[keep] / counts[keep]).mean()) if keep.any() else float("nan")
+        return float((correct[keep] / counts[keep]).mean()) if keep.any() else float("nan")
     raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
 
 
@@ -161,7 +162,7 @@ class PCK:
     ...               category="dog")
     >>> r = metric.compute()
     >>> round(r["pck@0.10/bbox/per-point"], 2), round(r["pck@0.10/bbox/per-image"], 2)
-    (100.0, 100.0)
+    (1.0, 1.0)
     """
 
     higher_is_better = True

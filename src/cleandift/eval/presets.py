@@ -261,6 +261,20 @@ def preset_differences(settings: CorrespondenceSettings) -> dict[str, tuple[Any,
     return diffs
 
 
+def feature_method(mode: str, checkpoint: str | None, descriptor: str = "diffusion") -> str:
+    """The name results are labelled with, the same in every result file and plot.
+
+    ``noisy`` (DIFT), ``clean`` (a CleanDIFT student on the clean image) or ``naive-clean`` (the
+    *frozen* model on the clean image: a baseline, which is what clean mode without a checkpoint
+    runs); ``dinov2`` has no diffusion features at all.
+    """
+    if descriptor == "dinov2":
+        return "dinov2"
+    if mode == "clean" and not checkpoint:
+        return "naive-clean"
+    return mode
+
+
 # ---------------------------------------------------------------------------------------------- builders
 def build_extractor(settings: CorrespondenceSettings, backbone):
     """Clean or noisy extractor for ``settings`` on a loaded backbone (student loaded from ``checkpoint``)."""
@@ -283,7 +297,7 @@ def build_extractor(settings: CorrespondenceSettings, backbone):
                      ckpt.timestep, settings.clean_timestep)
     else:
         log.warning("clean mode without a checkpoint runs the *frozen* backbone on clean latents "
-                    "(the 'naive clean' baseline), not a CleanDIFT student")
+                    "(the naive-clean baseline), not a CleanDIFT student; results are labelled 'naive-clean'")
     return CleanExtractor(backbone, unet=unet, timestep=settings.clean_timestep, taps=list(settings.taps),
                           chunk_size=settings.chunk_size, sample_posterior=settings.sample_posterior)
 

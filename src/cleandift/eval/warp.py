@@ -173,7 +173,7 @@ def predict_matches(src_feats: torch.Tensor, trg_feats: torch.Tensor, src_xy: to
 def warp_pck(pred_xy: torch.Tensor, pairs: WarpPairs, alphas: tuple[float, ...] = (0.1, 0.05)) -> dict[str, float]:
     """Per-point PCK (a fraction in [0, 1]) over valid keypoints, threshold ``alpha * max(H, W)``."""
     side = float(max(pairs.image_size))
-    return {f"pck@{a:.2f}": pck(pred_xy, pairs.trg_xy, side, alpha=a, valid=pairs.valid) / 100 for a in alphas}
+    return {f"pck@{a:.2f}": pck(pred_xy, pairs.trg_xy, side, alpha=a, valid=pairs.valid) for a in alphas}
 
 
 def nothing_moves(pairs: WarpPairs, alphas: tuple[float, ...] = (0.1, 0.05)) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,15 +22,23 @@ from .sampling import image_grid, sample_images
 from .train import Pretrainer, RunSnapshot
 
 CARD = "MODEL_CARD.md"
+log = logging.getLogger(__name__)
 
 
 def read_loss_csv(path: Path) -> tuple[list[int], list[float]]:
+    """Steps and losses of a run's ``loss.csv``; a damaged log is reported and read as empty (the card
+    then has no loss curve), since the weights it accompanies are still good."""
     steps, losses = [], []
     if path.is_file():
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                steps.append(int(row["step"]))
-                losses.append(float(row["loss"]))
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    steps.append(int(row["step"]))
+                    losses.append(float(row["loss"]))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, csv.Error) as exc:
+            log.warning("%s: damaged loss log (%s: %s); the model card gets no loss curve", path,
+                        type(exc).__name__, exc)
+            return [], []
     return steps, losses
 
 

@@ -6,9 +6,9 @@
 * AdamW, linear warmup + cosine decay to ``min_lr_ratio * lr``, gradient clipping, EMA weights (exported);
 * channels-last; bf16 autocast is optional because it only pays off on CPUs whose kernels PyTorch
   dispatches to native bf16 (see the model card for the measurement here);
-* **atomic checkpoints** (``torch.save`` to a temp file, then ``os.replace``) every ``checkpoint_every``
-  steps and **exact resume**: model, EMA, optimizer, LR schedule, step, RNG state, and the data order
-  (each epoch's permutation is a pure function of ``seed`` and the epoch, so the step number alone
+* **atomic checkpoints** (safetensors + JSON metadata, :mod:`.runstate`, written to a temp file, then
+  ``os.replace``; reading one never unpickles) every ``checkpoint_every`` steps and **exact resume**:
+  model, EMA, optimizer, LR schedule, step, RNG state, and the data order (each epoch's permutation is a pure function of ``seed`` and the epoch, so the step number alone
   says where in the data a run is);
 * the loss curve is appended to ``loss.csv`` at each checkpoint, so the CSV always matches the checkpoint.
 """
@@ -22,82 +22,30 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..backbones.pixel import FASHION_MNIST_CLASSES, LabelEncoder, PixelDiffusionBackbone, build_pixel_backbone, \
-    mini_unet_config
+from ..backbones.pixel import LabelEncoder, PixelDiffusionBackbone, build_pixel_backbone
 from ..errors import CheckpointMismatchError, ConfigError
-from .idx import DEFAULT_DATA_DIR, load_idx_dataset, to_model_range
+from .config import PretrainConfig
+from .idx import load_idx_dataset, to_model_range
+from .runstate import LEGACY_SUFFIX, SUFFIX, load_state_file, save_state_file
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
+CHECKPOINT = "last.safetensors"
+#: What runs of cleandift <= 0.x wrote (``torch.save``); still read, with ``weights_only=True`` only.
+LEGACY_CHECKPOINT = "last.pt"
+FULL_FORMAT, EMA_FORMAT = "cleandift-pretrain", "cleandift-pretrain-ema"
+LOSS_HEADER = ["step", "loss", "lr", "seconds"]
 #: Settings that may change between a run and its resume without breaking exactness.
 RUNTIME_KEYS = {"threads", "checkpoint_every", "snapshot_every", "log_every", "progress", "data", "out"}
 #: Settings that fix the model's shape: a run started ``init_from`` another must share them.
 ARCHITECTURE_KEYS = ("resolution", "block_out_channels", "cross_attention_dim", "attention_heads", "norm_num_groups",
                      "class_names")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything that defines a pretraining run (stored in every checkpoint)."""
-
-    data: str = str(DEFAULT_DATA_DIR)
-    out: str = "runs/mini-pretrain"
-    steps: int = 12000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    seed: int = 0
-    resolution: int = 32
-    block_out_channels: tuple[int, ...] = (16, 32, 64, 96)
-    cross_attention_dim: int = 64
-    attention_heads: int = 2
-    norm_num_groups: int = 8
-    bf16: bool = False
-    channels_last: bool = True
-    threads: int = 1
-    checkpoint_every: int = 200
-    snapshot_every: int = 2000
-    log_every: int = 50
-    progress: bool = True
-    class_names: tuple[str, ...] = field(default_factory=lambda: FASHION_MNIST_CLASSES)
-    #: ``last.pt`` of another run whose state (weights, EMA, optimizer, step, RNG) this run continues
-    #: under its own recipe (label dropout, steps, lr, ...); ``None`` starts from scratch.
-    init_from: str | None = None
-
-    def unet_config(self) -> dict:
-        return mini_unet_config(self.block_out_channels, cross_attention_dim=self.cross_attention_dim,
-                                attention_head_dim=self.attention_heads, image_channels=1,
-                                resolution=self.resolution, norm_num_groups=self.norm_num_groups)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        d["class_names"] = list(self.class_names)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown pretraining setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("block_out_channels", "class_names"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -201,7 +149,8 @@ class Pretrainer:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.last_lr = config.lr
-        self.stop_requested = False  # set by a SIGTERM handler: checkpoint after this step and return
+        self.stop_requested = False  # set to checkpoint after this step and return
+        self.stop_signal = None  # a cleandift.signals.StopRequest: a stop signal does the same
         self._pending: list[tuple[int, float, float, float]] = []
 
     # ------------------------------------------------------------------ one step
@@ -241,17 +190,26 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"format": "cleandift-pretrain", "version": 1, "config": self.config.to_dict(), "step": self.step,
+        return {"format": FULL_FORMAT, "version": 2, "config": self.config.to_dict(), "step": self.step,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str | Path = "checkpoint") -> None:
+        """Restore everything :meth:`state_dict` saved; a state that does not fit names ``source``."""
+        try:
+            self._load_state(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointMismatchError(f"{source}: the checkpoint does not fit this run ({type(exc).__name__}: "
+                                          f"{exc}); it is damaged or from another model") from exc
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(_typed_optimizer_state(state["optimizer"], self.optimizer))
+        _match_memory_format(self.optimizer)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -265,13 +223,16 @@ class Pretrainer:
         rate follows this run's schedule (``lr``, ``warmup_steps``, ``steps``) at the inherited step.
         """
         path = Path(path)
+        if path.is_dir():
+            path = run_checkpoint(path)
         if not path.is_file():
-            raise ConfigError(f"init_from: no checkpoint at {path} (expected the last.pt of a pretrain-mini run)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != "cleandift-pretrain":
+            raise ConfigError(f"init_from: no checkpoint at {path} (expected a pretrain-mini run folder or its "
+                              f"{CHECKPOINT})")
+        state = load_state_file(path)
+        if state.get("format") != FULL_FORMAT:
             raise CheckpointMismatchError(f"init_from: {path} is not a full pretrain-mini checkpoint (use a run's "
                                           f"{CHECKPOINT}, not an EMA snapshot or an export)")
-        source = PretrainConfig.from_dict(state["config"])
+        source = _saved_config(state, path)
         diffs = [f"{k}: {path} has {getattr(source, k)!r}, this run {getattr(self.config, k)!r}"
                  for k in ARCHITECTURE_KEYS if getattr(source, k) != getattr(self.config, k)]
         if diffs:
@@ -279,7 +240,7 @@ class Pretrainer:
                                           + "\n  ".join(diffs))
         if int(state["step"]) >= self.config.steps:
             raise ConfigError(f"init_from: {path} is already at step {state['step']}; set --steps above it")
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         # The loaded schedule state carries the source's base lr; this run's own lambda sets the lr from here.
         self.lr_schedule.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
         for group, factor in zip(self.optimizer.param_groups, self.lr_schedule.lr_lambdas):
@@ -287,16 +248,16 @@ class Pretrainer:
             group["lr"] = self.config.lr * factor(self.step)
 
     def save_checkpoint(self) -> Path:
-        """Flush the loss log, then write ``last.pt`` atomically (and a numbered snapshot now and then)."""
+        """Flush the loss log, then write ``last.safetensors`` atomically (and a numbered EMA snapshot
+        now and then)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._flush_losses()
         path = self.out / CHECKPOINT
-        atomic_torch_save(self.state_dict(), path)
+        save_state_file(self.state_dict(), path)
         every = self.config.snapshot_every
         if every and self.step % every == 0:
-            snap = self.out / f"step_{self.step:06d}.pt"
-            atomic_torch_save({"format": "cleandift-pretrain-ema", "config": self.config.to_dict(),
-                               "step": self.step, "ema": self.ema.state_dict()}, snap)
+            save_state_file({"format": EMA_FORMAT, "config": self.config.to_dict(), "step": self.step,
+                             "ema": self.ema.state_dict()}, self.out / f"step_{self.step:06d}{SUFFIX}")
         return path
 
     def _flush_losses(self) -> None:
@@ -305,7 +266,7 @@ class Pretrainer:
         with path.open("a", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             if new:
-                writer.writerow(["step", "loss", "lr", "seconds"])
+                writer.writerow(LOSS_HEADER)
             writer.writerows(self._pending)
             fh.flush()
             os.fsync(fh.fileno())
@@ -333,14 +294,21 @@ class Pretrainer:
                 log.info("step %d/%d  loss %.4f (mean of last %d)  lr %.2e  %.3f steps/s", self.step, cfg.steps,
                          sum(window) / len(window), len(window), self.lr_schedule.get_last_lr()[0], rate)
                 window.clear()
-            if self.step % cfg.checkpoint_every == 0 or self.step == target or self.stop_requested:
+            stop = self.should_stop()
+            if self.step % cfg.checkpoint_every == 0 or self.step == target or stop:
                 self.save_checkpoint()
-            if self.stop_requested:
+            if stop:
                 log.info("stop requested: checkpointed step %d, resume with --resume", self.step)
                 break
         if bar is not None:
             bar.close()
         return last
+
+    def should_stop(self) -> bool:
+        """A stop was asked for (by code, or by SIGTERM / SIGHUP / SIGINT through ``stop_signal``)."""
+        if self.stop_signal is not None and self.stop_signal.requested:
+            self.stop_requested = True
+        return self.stop_requested
 
     # ------------------------------------------------------------------ export
     def ema_backbone(self) -> PixelDiffusionBackbone:
@@ -348,14 +316,36 @@ class Pretrainer:
         return ema_backbone_from_state(self.config, self.ema.shadow, self.step)
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to ``path.tmp`` in the same folder, fsync, then ``os.replace`` -- never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def run_checkpoint(folder: Path) -> Path:
+    """The full checkpoint of a run folder: ``last.safetensors``, else an older run's ``last.pt``."""
+    current, legacy = folder / CHECKPOINT, folder / LEGACY_CHECKPOINT
+    return legacy if legacy.is_file() and not current.is_file() else current
+
+
+def _saved_config(state: dict, path: Path) -> PretrainConfig:
+    try:
+        return PretrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointMismatchError(f"{path}: damaged run settings in the checkpoint ({exc})") from exc
+
+
+def _typed_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """JSON has no tuples: give saved hyper-parameters the type the live optimizer uses (e.g. ``betas``)."""
+    groups = []
+    for live, group in zip(optimizer.param_groups, saved["param_groups"]):
+        groups.append({k: tuple(v) if isinstance(live.get(k), tuple) and isinstance(v, list) else v
+                       for k, v in group.items()})
+    return {"state": saved["state"], "param_groups": groups}
+
+
+def _match_memory_format(optimizer: torch.optim.Optimizer) -> None:
+    """Moments read back contiguous; give them their parameter's layout (channels-last) again."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entries = optimizer.state.get(p, {})
+            for name, v in entries.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    entries[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def ema_backbone_from_state(config: PretrainConfig, shadow: dict[str, torch.Tensor], step: int | None = None
@@ -386,26 +376,30 @@ class RunSnapshot:
 
 
 def read_run(path: str | Path) -> RunSnapshot:
-    """Snapshot of a run directory (its ``last.pt``), a ``last.pt`` or a ``step_*.pt`` file.
+    """Snapshot of a run directory (its ``last.safetensors``), that file or a ``step_*.safetensors`` one
+    (``.pt`` files of older runs are read with ``weights_only=True`` only).
 
     Safe while the run is still training: checkpoints are replaced atomically, so this reads either
     the previous or the new one, never a half-written file.
     """
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT
+        path = run_checkpoint(path)
     if not path.is_file():
         raise CheckpointMismatchError(f"{path}: no pretraining checkpoint here (is the run older than its "
                                       "first --checkpoint-every steps?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not str(state.get("format", "")).startswith("cleandift-pretrain"):
+    state = load_state_file(path)
+    if state.get("format") not in (FULL_FORMAT, EMA_FORMAT):
         raise CheckpointMismatchError(f"{path}: not a cleandift pretraining checkpoint")
-    return RunSnapshot(PretrainConfig.from_dict(state["config"]), int(state["step"]), state["ema"]["shadow"],
-                       path.parent)
+    try:
+        step, shadow = int(state["step"]), state["ema"]["shadow"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{path}: damaged pretraining checkpoint (no {exc})") from exc
+    return RunSnapshot(_saved_config(state, path), step, shadow, path.parent)
 
 
 def load_checkpoint_backbone(path: str | Path) -> PixelDiffusionBackbone:
-    """EMA backbone from a run directory, ``last.pt`` or a ``step_*.pt`` snapshot."""
+    """EMA backbone from a run directory, its ``last.safetensors`` or a ``step_*.safetensors`` snapshot."""
     return read_run(path).ema_backbone()
 
 
@@ -427,15 +421,18 @@ def open_run(config: PretrainConfig, resume: bool, images: torch.Tensor | None =
     error (it would silently break the exactness of the resume).
     """
     out = Path(config.out)
-    ckpt = out / CHECKPOINT
+    _remove_partial_writes(out)
+    ckpt = run_checkpoint(out)
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        saved = PretrainConfig.from_dict(state["config"])
+        state = load_state_file(ckpt)
+        if state.get("format") != FULL_FORMAT:
+            raise CheckpointMismatchError(f"{ckpt}: not a full pretrain-mini checkpoint")
+        saved = _saved_config(state, ckpt)
         _check_same(saved, config)
         for key in RUNTIME_KEYS:
             setattr(saved, key, getattr(config, key))
         trainer = Pretrainer(saved, images, labels)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, ckpt)
         _truncate_losses(out / "loss.csv", trainer.step)
         log.info("resumed %s at step %d/%d", ckpt, trainer.step, saved.steps)
         return trainer
@@ -450,6 +447,14 @@ def open_run(config: PretrainConfig, resume: bool, images: torch.Tensor | None =
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     _truncate_losses(out / "loss.csv", 0)
     return trainer
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """``*.tmp`` files a killed run left behind (checkpoints are written there, then renamed)."""
+    if out.is_dir():
+        for tmp in out.glob("*.tmp"):
+            log.info("removing %s, a partial write of an interrupted run", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def _check_same(saved: PretrainConfig, requested: PretrainConfig) -> None:
@@ -471,11 +476,16 @@ def _truncate_losses(path: Path, step: int) -> None:
     """Drop loss rows past ``step`` (written by a run that died after its last checkpoint)."""
     if not path.exists():
         return
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step] if rows else []
     if step == 0:
-        keep = keep[:1]
+        keep = [LOSS_HEADER]
+    else:
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step] if rows else []
+        except (UnicodeDecodeError, ValueError, csv.Error) as exc:
+            raise ConfigError(f"{path}: damaged loss log ({type(exc).__name__}: {exc}); move it away to resume "
+                              "(the new log then starts at the resumed step)") from exc
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(keep)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -118,8 +119,13 @@ class TrainConfig:
         for name in ("val_images", "workers", "warmup_steps", "checkpoint_every", "val_every", "mapping_depth"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _finite("lr", self.lr, low=0.0, low_open=True, fix="e.g. --lr 2e-6 (paper) or 1e-5 (code)")
+        _finite("adam_beta1", self.adam_beta1, low=0.0, high=1.0)
+        _finite("adam_beta2", self.adam_beta2, low=0.0, high=1.0)
+        _finite("adam_eps", self.adam_eps, low=0.0, low_open=True)
+        _finite("weight_decay", self.weight_decay, low=0.0)
+        _finite("max_grad_norm", self.max_grad_norm, low=0.0, fix="0 = no clipping")
+        _finite("timestep_init", self.timestep_init, low=0.0)
         if not 0 <= self.t_min < self.t_max <= 1000:
             raise ConfigError(f"need 0 <= t_min < t_max <= 1000, got t_min={self.t_min}, t_max={self.t_max}")
         if self.size is not None and self.size < 8:
@@ -135,17 +141,44 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+    def save(self, path: str | Path, history: Sequence[Mapping[str, Any]] = ()) -> Path:
+        """Write the resolved config as YAML (atomically: a crash never leaves half a file).
+
+        ``history``: the settings a resumed run changed (``{"step": N, "changed": {key: [old, new]}}``),
+        written as comments so the file never claims a value was used from step 0 when it was not.
+        """
         import os  # noqa: PLC0415
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("# resolved cleandift train config (defaults < preset < YAML < flags)\n"
+        notes = "".join(f"# resumed at step {h['step']}: "
+                        + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in h["changed"].items()) + "\n"
+                        for h in history)
+        tmp.write_text("# resolved cleandift train config (defaults < preset < YAML < flags)\n" + notes
                        + yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+#: Settings a resumed run may change: how long it runs, where, and its bookkeeping. Everything else
+#: (learning rate, batch size, data, model, method, precision, ...) would make the resumed steps a
+#: different run from the one checkpointed, so ``--resume`` refuses such changes.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
+                                      "workers", "export", "device", "out")
+
+
+def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compare a checkpoint's config with the resumed one: ``(refused, allowed)`` as ``{key: (old, new)}``.
+
+    Keys missing from ``saved`` (written by an older version) are not compared.
+    """
+    old = coerce({k: v for k, v in saved.items() if k.replace("-", "_") in _FIELDS}, "checkpoint config")
+    new = config.to_dict()
+    changed = {k: (v, new[k]) for k, v in old.items() if v != new[k]}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
+    allowed = {k: v for k, v in changed.items() if k in RESUME_MAY_CHANGE}
+    return refused, allowed
 
 
 #: Values each preset sets (everything else keeps the dataclass default).
@@ -157,6 +190,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _finite(name: str, value: float, low: float, high: float | None = None, low_open: bool = False,
+            fix: str = "") -> None:
+    """A float setting must be a finite number in its range (``--lr nan`` would train to NaN silently)."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        bound += f" and < {high:g}" if high is not None else ""
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value}" + (f" ({fix})" if fix else ""))
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -171,8 +214,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -267,9 +267,20 @@ class StreamBatchSampler:
 
 
 def make_loader(dataset: ImageFolder, sampler: StreamBatchSampler, workers: int = 0) -> DataLoader:
-    """A DataLoader over the endless stream (``workers`` decode images in parallel processes)."""
+    """A DataLoader over the endless stream (``workers`` decode images in parallel processes).
+
+    Workers ignore SIGINT / SIGTERM / SIGHUP: the main process stops the run gracefully on them
+    (:mod:`cleandift.signals`), which a worker dying of the same signal would turn into a crash.
+    """
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
+                      worker_init_fn=_worker_init if workers > 0 else None)
+
+
+def _worker_init(_worker_id: int) -> None:
+    from ..signals import ignore_stop_signals  # noqa: PLC0415
+
+    ignore_stop_signals()
 
 
 def prepare_datasets(data: str | Path, size: int, *, val_data: str | Path | None = None, val_images: int = 8,

@@ -14,10 +14,15 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` images per p
 
 Exact resume: every random draw of a micro-step (VAE posterior sample, timesteps, noise) comes from a
 generator seeded by ``(seed, step, micro-step, rank)``, the data order is a pure function of
-``(seed, batches consumed)``, and checkpoints (``accelerator.save_state``: student + heads +
-timestep, Adam, LR schedule, counters, RNG states) are written to a temporary folder and renamed
-into place -- so an interrupted run resumed with ``--resume`` ends with the same weights as an
-uninterrupted one.
+``(seed, batches consumed)``, and checkpoints (:mod:`~cleandift.train.run_state`: student + heads +
+timestep, Adam, LR schedule, counters, RNG states, as safetensors + JSON with a sha256 manifest) are
+written to a temporary folder and renamed into place -- so an interrupted run resumed with
+``--resume`` ends with the same weights as an uninterrupted one.
+
+Safety: a non-finite loss, gradient or weight stops the run before it is applied or saved
+(:class:`TrainingDivergedError`); SIGTERM / SIGHUP / SIGINT finish the step, checkpoint and return
+(:mod:`cleandift.signals`); a resume verifies checksums and falls back to the newest intact
+checkpoint, and refuses changed hyper-parameters (:data:`~cleandift.train.config.RESUME_MAY_CHANGE`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import math
 import os
 import shutil
 import time
@@ -36,34 +42,41 @@ import torch
 
 from ..backbones.base import DiffusionBackbone
 from ..distill import FeatureAligner
-from ..errors import ConfigError
-from ..logs import quiet_logger
-from .config import TrainConfig
+from ..errors import CleanDIFTError, ConfigError
+from ..signals import StopRequest, signal_name, stop_on_signals
+from ..version import __version__
+from .config import RESUME_MAY_CHANGE, TrainConfig, resume_changes
 from .data import ImageFolder, StreamBatchSampler, collate, make_loader, prepare_datasets
+from .run_state import CheckpointManager, DamagedRunStateError, load_state, read_trainer, save_state, verify
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Left in RUN_DIR by a killed write (config, logs, export); removed when a run (re)starts.
+_STALE_RUN_FILES = ("config.yaml.tmp", "train_log.csv.tmp", "val_log.csv.tmp", ".export.tmp", ".export.old")
+
+__all__ = ["train", "TrainResult", "TrainState", "TrainingDivergedError", "CheckpointManager", "check_run"]
 
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+    """Counters saved with every checkpoint (in ``trainer.json``)."""
 
     step: int = 0  # optimizer updates done
     batches: int = 0  # global batches consumed: the data stream's position
     images_seen: int = 0
     skipped: list[str] = field(default_factory=list)  # files that failed to decode during training
+    history: list[dict] = field(default_factory=list)  # settings changed on resume: {"step", "changed"}
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            if key in self.__dataclass_fields__:
+                setattr(self, key, value)
 
 
 @dataclass
@@ -74,6 +87,31 @@ class TrainResult:
     val_loss: float | None
     export_dir: Path | None
     skipped_images: int
+    stopped_by: int | None = None  # the signal that stopped the run early (checkpointed), else None
+    checkpoint: Path | None = None  # the newest checkpoint written
+
+
+class TrainingDivergedError(CleanDIFTError, ArithmeticError):
+    """A non-finite loss, gradient or weight: the run stopped before applying or saving it."""
+
+    def __init__(self, step: int, what: str, value: str) -> None:
+        self.step, self.what, self.value = step, what, value
+        self.lr: float | None = None
+        self.dtype = "fp32"
+        self.checkpoint: Path | None = None
+        super().__init__(step, what, value)
+
+    def __str__(self) -> str:
+        lr = f" (lr {self.lr:g})" if self.lr is not None else ""
+        cause = "the learning rate is too high" + lr
+        if self.dtype == "fp16":
+            cause += " or fp16 overflowed (try --dtype bf16)"
+        kept = (f"the last good checkpoint {self.checkpoint} is kept" if self.checkpoint is not None
+                else "no checkpoint had been written yet")
+        lower = f" (e.g. --lr {self.lr / 10:g})" if self.lr is not None else ""
+        return (f"step {self.step}: the {self.what} is {self.value}: training diverged, most likely because {cause}; "
+                f"stopped without applying or saving it: {kept}, nothing was exported. Start a new run (another "
+                f"--out) with a lower --lr{lower}")
 
 
 StepCallback = Callable[[int, dict], None]
@@ -88,14 +126,28 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
         config: the resolved :class:`~cleandift.train.config.TrainConfig`.
         backbone: use this backbone instead of loading ``config.model`` (it is moved to the training
             device and its U-Net becomes the frozen teacher).
-        resume: ``True`` continues from the newest checkpoint in ``RUN_DIR/checkpoints``; a path
+        resume: ``True`` continues from the newest intact checkpoint in ``RUN_DIR/checkpoints``; a path
             continues from that checkpoint folder.
         callbacks: ``fn(step, logs)`` after every optimizer step (and its checkpoint, if any).
+
+    SIGTERM / SIGHUP / SIGINT during the steps finish the current step, write a checkpoint and
+    return early with ``stopped_by`` set (nothing is exported). Raises :class:`TrainingDivergedError`
+    on a non-finite loss / gradient / weight and :class:`~cleandift.train.run_state.CheckpointWriteError`
+    when a checkpoint cannot be written (disk full).
     """
     run_dir = Path(config.out).expanduser()
-    resume_from = _resume_dir(run_dir, resume)
+    check_device(config)  # before anything loads
     accelerator = build_accelerator(config)
     main = accelerator.is_main_process
+    ckpts = CheckpointManager(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)
+    if main:
+        remove_stale(run_dir, ckpts)
+    accelerator.wait_for_everyone()
+    resume_from = _resume_dir(run_dir, resume, warn=main)
+    allowed = check_resume_config(config, resume_from)
+    accelerator.wait_for_everyone()
+    if main and resume_from is not None:
+        ckpts.set_aside_newer(resume_from[0])
 
     train_set, val_set, bad = _datasets(config, backbone)  # before any model loads: fail fast on data
     if backbone is None:
@@ -108,35 +160,45 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
         val_set.size = size
 
     _seed_everything(config.seed)
-    aligner = build_aligner(config, backbone)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        _log_start(config, backbone, aligner, size, train_set, val_set, bad, accelerator.num_processes)
-
+    aligner = build_aligner(config, backbone, init=resume_from is None)  # a resume loads its own weights
     optimizer = build_optimizer(config, aligner.trainable_parameters())
     scheduler = build_scheduler(config, optimizer)
-    state = TrainState(skipped=[])
+    state = TrainState()
     model, optimizer = accelerator.prepare(aligner, optimizer)
-    accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        with quiet_logger("accelerate"):
-            accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d (%d batches consumed)", resume_from, state.step, state.batches)
+        folder, manifest = resume_from
+        trainer = load_state(folder, manifest, accelerator, model, optimizer, scheduler)
+        state.load_state_dict(trainer["state"])
+        if allowed:
+            state.history.append({"step": state.step, "changed": {k: list(v) for k, v in allowed.items()}})
+        ckpts.last_saved = folder
+        log.info("resumed from %s at step %d (%d batches consumed)", folder, state.step, state.batches)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml", history=state.history)
+        _log_start(config, backbone, aligner, size, train_set, val_set, bad, accelerator.num_processes)
 
-    logger = RunLogger(run_dir, aligner.tap_names, enabled=main, resume_step=state.step if resume_from else None)
+    # rows past the checkpoint (or all rows, for a fresh start after a run killed before its first
+    # checkpoint) are work being redone: drop them so the logs read like one uninterrupted run
+    logger = RunLogger(run_dir, aligner.tap_names, enabled=main, resume_step=state.step)
     sampler = StreamBatchSampler(len(train_set), config.batch_size, config.seed, start_batch=state.batches,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     batches = iter(make_loader(train_set, sampler, config.workers))
-    ckpts = CheckpointManager(run_dir / CHECKPOINT_DIR, config.keep_checkpoints)
     val_loss = None
     if val_set is not None and config.val_every and resume_from is None:
         val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
 
-    last_loss = None
+    def save() -> None:
+        check_finite_weights(accelerator.unwrap_model(model), state.step)
+        trainer = {"format": "cleandift-train-state", "cleandift_version": __version__, "state": state.state_dict(),
+                   "config": config.to_dict(), "num_processes": accelerator.num_processes}
+        ckpts.save(accelerator, state.step,
+                   lambda tmp: save_state(tmp, accelerator, model, optimizer, scheduler, trainer))
+
+    last_loss, stopped = None, None
     bar = _progress_bar(config.max_steps, state.step, enabled=progress and main)
     try:
-        with _log_through(bar):
+        with _log_through(bar), stop_on_signals() as stop:
             while state.step < config.max_steps:
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
@@ -151,29 +213,46 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
                                                                   or state.step == config.max_steps):
                     val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
                 periodic = config.checkpoint_every and state.step % config.checkpoint_every == 0
-                if periodic or state.step == config.max_steps:
-                    ckpts.save(accelerator, state.step)
+                saved = bool(periodic or state.step == config.max_steps)
+                if saved:
+                    save()
                 for callback in callbacks:
                     callback(state.step, logs)
+                stopped = _stop_signal(stop, accelerator)
+                if stopped is not None:
+                    if not saved:
+                        save()
+                    log.warning("%s: stopped after step %d and checkpointed it", signal_name(stopped), state.step)
+                    break
+    except TrainingDivergedError as exc:
+        exc.lr, exc.dtype = scheduler.get_last_lr()[0], config.dtype
+        exc.checkpoint = ckpts.last_saved
+        raise
     finally:
         bar.close()
         logger.close()
 
     export_dir = None
     accelerator.wait_for_everyone()
-    if main and config.export:
+    if main and config.export and stopped is None:
         from .export import export_run  # noqa: PLC0415
 
-        export_dir = export_run(accelerator.unwrap_model(model), run_dir / "export", config=config)
+        unwrapped = accelerator.unwrap_model(model)
+        check_finite_weights(unwrapped, state.step)
+        export_dir = export_run(unwrapped, run_dir / "export", config=config)
         log.info("exported the student to %s", export_dir)
     if state.skipped:
         log.warning("%d image(s) could not be decoded during training and were skipped", len(state.skipped))
-    return TrainResult(run_dir, state.step, last_loss, val_loss, export_dir, len(bad) + len(state.skipped))
+    return TrainResult(run_dir, state.step, last_loss, val_loss, export_dir, len(bad) + len(state.skipped),
+                       stopped_by=stopped, checkpoint=ckpts.last_saved)
 
 
 def train_step(model, batches, optimizer, scheduler, state: TrainState, config: TrainConfig,
                accelerator) -> tuple[float, dict[str, float]]:
-    """One optimizer update over ``grad_accum`` micro-batches; returns the mean loss and per-tap losses."""
+    """One optimizer update over ``grad_accum`` micro-batches; returns the mean loss and per-tap losses.
+
+    A non-finite loss or gradient raises :class:`TrainingDivergedError` before the update is applied.
+    """
     model.train()
     total = 0.0
     per_tap: dict[str, float] = {}
@@ -191,14 +270,56 @@ def train_step(model, batches, optimizer, scheduler, state: TrainState, config: 
         total += out.loss.detach().float().item() / config.grad_accum
         for name, value in out.per_tap.items():
             per_tap[name] = per_tap.get(name, 0.0) + value.detach().float().item() / config.grad_accum
+    grad_norm = None
     if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    check_finite_step(model, total, grad_norm, state.step + 1, accelerator)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.images_seen += config.batch_size * config.grad_accum * accelerator.num_processes
     return total, per_tap
+
+
+def check_finite_step(model, loss: float, grad_norm: torch.Tensor | None, step: int, accelerator) -> None:
+    """Raise :class:`TrainingDivergedError` if the loss or the gradient is not finite (on any process).
+
+    With an fp16 loss scaler, overflowing gradients are normal (the scaler skips that update and lowers
+    its scale), so only the loss is checked then.
+    """
+    what = None
+    if not math.isfinite(loss):
+        what = ("loss", f"{loss}")
+    elif accelerator.scaler is None:
+        if grad_norm is None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = float(grad_norm)
+        if not math.isfinite(norm):
+            what = ("gradient norm", f"{norm}")
+    if accelerator.num_processes > 1:  # every process must stop at the same step, or the others hang
+        flag = torch.tensor([0.0 if what is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0 and what is None:
+            what = ("loss or gradient", "not finite on another process")
+    if what is not None:
+        raise TrainingDivergedError(step, *what)
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Never checkpoint or export non-finite weights."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise TrainingDivergedError(step, "weights", f"not finite in {len(bad)} tensor(s), e.g. {bad[0]}")
+
+
+def _stop_signal(stop: StopRequest, accelerator) -> int | None:
+    """The stop signal received by any process (all processes then stop after the same step)."""
+    signum = stop.signum
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(signum or 0)], device=accelerator.device)
+        signum = int(accelerator.gather(flag).max().item()) or None
+    return signum
 
 
 @torch.no_grad()
@@ -275,7 +396,9 @@ def check_size(size: int, backbone: DiffusionBackbone) -> int:
     return size
 
 
-def build_aligner(config: TrainConfig, backbone: DiffusionBackbone) -> FeatureAligner:
+def build_aligner(config: TrainConfig, backbone: DiffusionBackbone, init: bool = True) -> FeatureAligner:
+    """The student + heads for ``config``; ``init`` loads ``config.checkpoint`` (skipped on resume, whose
+    checkpoint replaces every weight anyway, so the init file need not still exist)."""
     aligner = FeatureAligner(
         backbone, taps=config.taps, num_timesteps=config.num_timesteps, t_min=config.t_min, t_max=config.t_max,
         loss=config.loss, use_heads=config.use_heads, head_config=config.head_config(),
@@ -283,7 +406,7 @@ def build_aligner(config: TrainConfig, backbone: DiffusionBackbone) -> FeatureAl
         sample_posterior=config.sample_posterior,
         teacher_dtype=_DTYPES[config.teacher_dtype] if config.teacher_dtype else None,
         gradient_checkpointing=config.gradient_checkpointing)
-    if config.checkpoint:
+    if config.checkpoint and init:
         from ..checkpoints import read_checkpoint  # noqa: PLC0415
 
         ckpt = read_checkpoint(config.checkpoint)
@@ -330,7 +453,8 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> to
 
 
 class _Warmup:
-    """Picklable LR factor (a lambda would not survive ``save_state``)."""
+    """LR factor whose only state (``warmup``) is plain data: ``LambdaLR.state_dict`` stores an object's
+    ``__dict__`` (a lambda's would be lost), which goes to ``scheduler.json``."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
@@ -372,73 +496,88 @@ def _record_skipped(state: TrainState, skipped: list[tuple[str, str]]) -> None:
                         len(state.skipped))
 
 
-def _resume_dir(run_dir: Path, resume: bool | str) -> Path | None:
-    ckpt_root = run_dir / CHECKPOINT_DIR
+def _resume_dir(run_dir: Path, resume: bool | str, warn: bool = True) -> tuple[Path, dict] | None:
+    """The verified checkpoint to resume from and its manifest (``None`` for a fresh run).
+
+    ``resume=True`` takes the newest intact checkpoint of the run (damaged newer ones are reported,
+    see :meth:`CheckpointManager.select`); an explicit folder must itself be intact.
+    """
+    ckpts = CheckpointManager(run_dir / CHECKPOINT_DIR)
     if resume and resume is not True and str(resume) != "latest":
         path = Path(resume).expanduser()
-        if not (path / "model.safetensors").is_file() and not any(path.glob("model*.safetensors")):
-            raise ConfigError(f"{path}: not a training checkpoint (expected a folder written by `cleandift train`, "
-                              f"e.g. {ckpt_root}/step-0000100)")
-        return path
-    latest = CheckpointManager(ckpt_root).latest()
+        if not path.is_dir():
+            raise ConfigError(f"--resume {path}: no such checkpoint folder (expected a folder written by "
+                              f"`cleandift train`, e.g. {ckpts.root}/step-0000100)")
+        try:
+            return path, verify(path)
+        except DamagedRunStateError as exc:
+            raise ConfigError(f"--resume {exc}; pick another checkpoint folder (or --resume alone for the newest "
+                              "intact one)") from None
     if resume:
-        if latest is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-        return latest
-    if latest is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints (newest {latest.name}); pass --resume to continue "
-                          "that run or choose another --out")
+        found = ckpts.select(warn=warn)
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpts.root}; start without --resume")
+        return found
+    existing = ckpts.folders()
+    if existing:
+        raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume to "
+                          "continue that run or choose another --out")
     return None
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-class CheckpointManager:
-    """``RUN_DIR/checkpoints/step-NNNNNNN`` folders written atomically; keeps the newest ``keep``."""
+def check_resume_config(config: TrainConfig, resume_from: tuple[Path, dict] | None) -> dict[str, tuple]:
+    """Refuse a resume whose hyper-parameters differ from the checkpoint's; returns the allowed changes.
 
-    def __init__(self, root: Path, keep: int = 2) -> None:
-        self.root = Path(root)
-        self.keep = keep
-
-    def folders(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step-*") if p.is_dir())
-
-    def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            target = self.root / pointer.read_text().strip()
-            if target.is_dir():
-                return target
-        folders = self.folders()
-        return folders[-1] if folders else None
-
-    def save(self, accelerator, step: int) -> Path:
-        final = self.root / f"step-{step:07d}"
-        tmp = self.root / f".tmp-step-{step:07d}"
-        if accelerator.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        with quiet_logger("accelerate"):  # one line of ours instead of one per saved file
-            accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _atomic_write(self.root / LATEST, final.name)
-            for old in self.folders()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("step %d: saved resumable state to %s", step, final)
-        accelerator.wait_for_everyone()
-        return final
+    Why: the checkpoint's optimizer state and step counters belong to its settings; silently training
+    on under others (or claiming others in ``config.yaml``) makes the run unreproducible.
+    """
+    if resume_from is None:
+        return {}
+    folder = resume_from[0]
+    refused, allowed = resume_changes(read_trainer(folder)["config"], config)
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"--resume: {folder} was trained with other settings ({listed}); a resumed run may only "
+                          f"change {', '.join(RESUME_MAY_CHANGE)}. Drop the changed flags, or start a new run "
+                          f"(another --out; --checkpoint {folder / 'model.safetensors'} starts from its weights)")
+    for key, (old, new) in allowed.items():
+        log.info("resume: %s changed from %r to %r", key, old, new)
+    return allowed
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def check_device(config: TrainConfig) -> None:
+    """Refuse device / precision combinations that would fail late or silently do something else.
+
+    accelerate runs ``mixed_precision="fp16"`` on a CPU as plain fp32 without a word; bf16 on a CPU
+    is real (torch CPU autocast; fast only on CPUs with native bf16).
+    """
+    device = config.device
+    wants_cuda = bool(device) and device.startswith("cuda")
+    if wants_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch build has no usable CUDA GPU "
+                          f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
+    on_cpu = device == "cpu" or (not device and not torch.cuda.is_available() and not _mps_available())
+    if config.dtype == "fp16" and on_cpu:
+        raise ConfigError("--dtype fp16 needs a GPU: on a CPU it would silently train in fp32; use --dtype bf16 "
+                          "(CPU autocast) or fp32")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def remove_stale(run_dir: Path, ckpts: CheckpointManager) -> None:
+    """Delete partial files a killed or failed run left (temporary checkpoint folders, ``*.tmp`` files)."""
+    ckpts.remove_stale()
+    for name in _STALE_RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        log.info("removed %s, left by an interrupted write", path)
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -513,13 +652,21 @@ def _truncate_csv(path: Path, step: int) -> None:
         fields = list(rows[0].keys()) if rows else None
     if fields is None:
         return
-    keep = [r for r in rows if int(float(r["step"])) <= step]
+    keep = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(keep)
     os.replace(tmp, path)
+
+
+def _row_step(row: dict) -> int | None:
+    """The step of a CSV row; ``None`` for a row cut short by a kill (it is dropped on resume)."""
+    try:
+        return int(float(row["step"])) if None not in row.values() else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _step_logs(state: TrainState, total: float, per_tap: dict[str, float], lr: float, aligner: FeatureAligner,
@@ -577,14 +724,17 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
     from .memory import estimate_memory  # noqa: PLC0415
 
     run_dir = Path(config.out).expanduser()
+    check_device(config)
     resume_from = _resume_dir(run_dir, resume)
+    allowed = check_resume_config(config, resume_from)
     train_set, val_set, bad = _datasets(config, backbone)
     lines = [f"data: {len(train_set)} training image(s) in {config.data}"
              + (f", {len(val_set)} for validation" if val_set is not None else ", no validation set")
              + f", {len(bad)} unreadable (skipped)"]
     lines += [f"  unreadable: {path}: {reason}" for path, reason in bad[:10]]
     if resume_from is not None:
-        lines.append(f"resume: from {resume_from}")
+        lines.append(f"resume: from {resume_from[0]} (checksums verified)"
+                     + "".join(f", {k} {old!r} -> {new!r}" for k, (old, new) in allowed.items()))
     if backbone is None:
         backbone = load_training_backbone(config, torch.device(config.device or "cpu"))
     size = check_size(config.size or backbone.resolution, backbone)

@@ -86,6 +86,33 @@ def _figure(figsize: tuple[float, float], dpi: int):
     return fig, ax
 
 
+def _title_above(fig, ax, title: str | None, fontsize: float = 10.0, pad_px: float = 4.0) -> None:
+    """Put ``title`` at the top, wrapped to the figure's width, and shrink the axes to the space below it,
+    so a long title is never cut off and never covers the images (the PNG keeps its exact size)."""
+    if not title:
+        ax.set_position((0.0, 0.0, 1.0, 1.0))
+        return
+    from matplotlib.font_manager import FontProperties  # noqa: PLC0415
+
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    max_width = fig.bbox.width - 2 * pad_px
+
+    def width(text: str) -> float:
+        return renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+
+    lines: list[str] = []
+    for word in title.split():
+        if lines and width(f"{lines[-1]} {word}") <= max_width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    text = fig.text(0.5, 1.0 - pad_px / fig.bbox.height, "\n".join(lines), ha="center", va="top",
+                    fontproperties=font)
+    bottom = text.get_window_extent(renderer).y0 - pad_px
+    ax.set_position((0.0, 0.0, 1.0, max(0.05, bottom / fig.bbox.height)))
+
+
 def _save(fig, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,8 +162,7 @@ def draw_matches(src_image: ImageLike, trg_image: ImageLike, src_xy, pred_xy, pa
             ax.scatter([gx + offset], [gy], s=30, c=colour, marker="x", linewidths=1.5, zorder=4)
     ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-    if title:
-        fig.suptitle(title, fontsize=10, y=0.985)
+    _title_above(fig, ax, title)
     return _save(fig, path, dpi)
 
 
@@ -175,6 +201,5 @@ def draw_heatmap(src_image: ImageLike, trg_image: ImageLike, src_point, similari
         ax.scatter([gx + offset], [gy], s=60, c="white", marker="x", linewidths=1.8, zorder=4)
     ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-    if title:
-        fig.suptitle(title, fontsize=10, y=0.985)
+    _title_above(fig, ax, title)
     return _save(fig, path, dpi)

@@ -1,4 +1,4 @@
-"""PCA colourings of dense feature maps (CleanDIFT Fig. 16, DINOv2 Fig. 1; issue E6).
+"""PCA colourings of dense feature maps (CleanDIFT Fig. 16, DINOv2 Fig. 1).
 
 Recipe (the authors' answer in CompVis/cleandift#15): fit a PCA on all feature vectors, threshold
 the **first** principal component to split foreground from background, and show the **next three**

@@ -13,6 +13,8 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 LINESTYLES = ("--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)))
+#: More x labels than this would overlap at the default size; only every n-th is written then.
+MAX_TICK_LABELS = 20
 
 
 def _figure(figsize: tuple[float, float], dpi: int):
@@ -110,9 +112,10 @@ def plot_series(series: Mapping[str, Sequence[float]], path: str | Path, *, labe
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
         else:
             ax.plot(x, vals, marker="o", markersize=3.5, linewidth=1.5, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=45 if max((len(s) for s in labels), default=0) > 6 else 0,
-                       ha="right" if max((len(s) for s in labels), default=0) > 6 else "center", fontsize=8)
+    every = max(1, -(-k // MAX_TICK_LABELS))  # many categories (e.g. training steps): label every n-th only
+    long = max((len(s) for s in labels), default=0) > 6
+    ax.set_xticks(x[::every])
+    ax.set_xticklabels(labels[::every], rotation=45 if long else 0, ha="right" if long else "center", fontsize=8)
     if ylim is not None:
         ax.set_ylim(*ylim)
     _label_axes(ax, xlabel, ylabel, title)
