@@ -492,7 +492,8 @@ def test_resume_changes_api(straight, tiny_backbone, tmp_path):
 
     data, reference = straight
     config = _config(data, reference)
-    refused, allowed = resume_changes(config.to_dict(), replace(config, lr=2e-3, max_steps=9, seed=5))
+    refused, allowed = resume_changes(config.to_dict(), replace(config, lr=2e-3, max_steps=9, seed=5,
+                                                                data=str(data) + "/./"))  # the same folder
     assert refused == {"lr": (1e-3, 2e-3), "seed": (1, 5)} and allowed == {"max_steps": (3, 9)}
     assert "lr" not in RESUME_MAY_CHANGE and "batch_size" not in RESUME_MAY_CHANGE
     run = _copy_run(reference, tmp_path / "run")
@@ -566,3 +567,56 @@ def test_run_state_tree_round_trip_is_exact():
     assert list(back["state"]) == [0] and torch.equal(back["state"][0]["m"], state["state"][0]["m"])
     with pytest.raises(TypeError, match="tensors and JSON only"):
         run_state.encode_tree({"f": print}, {})
+
+
+class _OneProcess:
+    """The few Accelerator members run_state uses, for a single process with an fp16 loss scaler."""
+
+    is_main_process, process_index, num_processes, device = True, 0, 1, torch.device("cpu")
+
+    def __init__(self):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+
+    def get_state_dict(self, model):
+        return model.state_dict()
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_run_state_round_trip_restores_scaler_and_every_generator(tmp_path):
+    import random
+
+    from cleandift.train.loop import _Warmup
+
+    def build():
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(4))
+
+    accelerator = _OneProcess()
+    model, optimizer, scheduler = build()
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    accelerator.scaler.scale(torch.ones(()))  # initialises the scale
+    accelerator.scaler.update(new_scale=256.0)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    trainer = {"state": {"step": 1, "batches": 1, "images_seen": 1}, "config": {}}
+    run_state.save_state(folder, accelerator, model, optimizer, scheduler, trainer)
+    run_state.write_manifest(folder, 1)
+    expected = (torch.rand(3), random.random(), np.random.rand())  # what the generators give next
+
+    other = _OneProcess()
+    model2, optimizer2, scheduler2 = build()
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    run_state.load_state(folder, verify(folder), other, model2, optimizer2, scheduler2)
+    assert other.scaler.get_scale() == 256.0 and other.scaler.state_dict() == accelerator.scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert scheduler2.state_dict() == scheduler.state_dict() and scheduler2.lr_lambdas[0].warmup == 4
+    s1, s2 = optimizer.state_dict(), optimizer2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert all(torch.equal(s1["state"][i][k], s2["state"][i][k]) for i in s1["state"] for k in s1["state"][i])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

@@ -44,7 +44,7 @@ import torch
 
 from ..taps import TapTable, discover_block_taps
 from .conditioning import HIDDEN_STATES, Conditioning
-from .latents import LatentBackbone, nbytes
+from .latents import LatentBackbone
 from .noise import RectifiedFlow
 
 #: Block lists in execution order with the index of their image stream in ``(text, image)``.
@@ -78,6 +78,7 @@ class FluxBackbone(LatentBackbone):
 
     name = "flux"
     family = "flux"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     default_feature_taps = (DITF_TAP,)
 
     def __init__(self, pipe, resolution: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -90,17 +91,9 @@ class FluxBackbone(LatentBackbone):
         super().__init__(pipe.transformer, pipe.vae, scheduler, resolution=resolution,
                          noise=RectifiedFlow(scheduler, timestep_scale=1.0), taps=taps)
         self.default_feature_taps = taps.default
-        self.text_encoder = pipe.text_encoder
-        self.text_encoder_2 = pipe.text_encoder_2
-        self.pipe = pipe
+        self.adopt_pipeline(pipe, name)
         self.guidance_scale = float(guidance_scale)
         self.max_sequence_length = int(max_sequence_length)
-        if name:
-            self.name = name
-        for module in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
 
     # ------------------------------------------------------------------ prompts
     def _encode_prompt_batch(self, prompts: list[str]) -> Conditioning:
@@ -113,11 +106,6 @@ class FluxBackbone(LatentBackbone):
         encoder = self.text_encoder_2 if self.text_encoder_2 is not None else self.text_encoder
         return next(encoder.parameters()).device
 
-    def _drop_prompt_encoder(self) -> int:
-        freed = nbytes(self.text_encoder) + nbytes(self.text_encoder_2)
-        self.text_encoder = self.text_encoder_2 = None
-        self.pipe.text_encoder = self.pipe.text_encoder_2 = None
-        return freed
 
     # ------------------------------------------------------------------ the denoiser
     @property

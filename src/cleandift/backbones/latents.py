@@ -63,6 +63,31 @@ class LatentBackbone(DiffusionBackbone):
                           dtype=mean.dtype).to(mean.device)
         return (mean + std * eps).to(self.dtype)
 
+    #: the pipeline attributes holding this family's text encoders (adopted, frozen and released together)
+    text_encoder_names: tuple[str, ...] = ()
+
+    def adopt_pipeline(self, pipe, name: str | None = None) -> None:
+        """Keep the family's diffusers pipeline (its methods build the denoiser's inputs) and its text encoders.
+
+        Every weight is frozen and in eval mode: a backbone is the frozen model; students are copies.
+        """
+        self.pipe = pipe
+        if name:
+            self.name = name
+        for attr in self.text_encoder_names:
+            setattr(self, attr, getattr(pipe, attr, None))
+        for module in (self.denoiser, self.vae, *(getattr(self, a) for a in self.text_encoder_names)):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+
+    def _drop_prompt_encoder(self) -> int:
+        freed = sum(nbytes(getattr(self, attr, None)) for attr in self.text_encoder_names)
+        for attr in self.text_encoder_names:
+            setattr(self, attr, None)
+            setattr(self.pipe, attr, None)
+        return freed
+
     def release_decoder(self) -> int:
         freed = nbytes(self.vae.decoder) + nbytes(getattr(self.vae, "post_quant_conv", None))
         self.vae.decoder = None

@@ -39,7 +39,7 @@ import torch
 
 from ..taps import discover_block_taps
 from .conditioning import HIDDEN_STATES, Conditioning
-from .latents import LatentBackbone, nbytes
+from .latents import LatentBackbone
 
 #: Key of the T5 attention mask in the conditioning (the transformer's forward argument of that name).
 MASK = "encoder_attention_mask"
@@ -60,6 +60,7 @@ class PixArtBackbone(LatentBackbone):
 
     name = "pixart-sigma"
     family = "pixart"
+    text_encoder_names = ("text_encoder",)
 
     def __init__(self, pipe, resolution: int | None = None, name: str | None = None) -> None:
         from diffusers import DDPMScheduler  # noqa: PLC0415
@@ -72,17 +73,11 @@ class PixArtBackbone(LatentBackbone):
         resolution = resolution or int(transformer.config.sample_size) * vae_factor
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         super().__init__(transformer, pipe.vae, scheduler, resolution=resolution, taps=taps)
-        self.pipe = pipe
-        self.text_encoder = pipe.text_encoder
         self.patch_size = patch
         self.max_sequence_length = _default_max_sequence_length(pipe)
         alpha = type(pipe).__name__.startswith("PixArtAlpha")
-        self.name = name or ("pixart-alpha" if alpha else "pixart-sigma")
+        self.adopt_pipeline(pipe, name or ("pixart-alpha" if alpha else "pixart-sigma"))
         self.default_feature_taps = default_feature_taps(taps.names)
-        for module in (self.denoiser, self.vae, self.text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
 
     # ------------------------------------------------------------------ prompts
 
@@ -96,12 +91,6 @@ class PixArtBackbone(LatentBackbone):
     def _text_device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def _drop_prompt_encoder(self) -> int:
-        """T5-XXL is 4.8 B parameters (9.5 GB in bf16): by far the largest part of a PixArt pipeline."""
-        freed = nbytes(self.text_encoder)
-        self.text_encoder = None
-        self.pipe.text_encoder = None
-        return freed
 
     # ------------------------------------------------------------------ images
     def _latent_affine(self, like: torch.Tensor) -> tuple[float, float]:

@@ -32,7 +32,7 @@ import torch
 
 from ..taps import discover_block_taps
 from .conditioning import HIDDEN_STATES, Conditioning
-from .latents import LatentBackbone, nbytes
+from .latents import LatentBackbone
 from .noise import RectifiedFlow
 
 #: T5 tokens the pipeline encodes by default (``encode_prompt(max_sequence_length=256)``).
@@ -52,6 +52,7 @@ class StableDiffusion3Backbone(LatentBackbone):
 
     name = "sd3"
     family = "sd3"
+    text_encoder_names = _TEXT_ENCODERS
 
     def __init__(self, pipe, resolution: int | None = None, name: str | None = None,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
@@ -66,15 +67,7 @@ class StableDiffusion3Backbone(LatentBackbone):
         self.patch_size = patch
         self.default_feature_taps = tuple(self.taps.default)
         self.max_sequence_length = int(max_sequence_length)
-        self.pipe = pipe
-        for attr in _TEXT_ENCODERS:
-            setattr(self, attr, getattr(pipe, attr))
-        if name:
-            self.name = name
-        for module in (self.denoiser, self.vae, *(getattr(self, a) for a in _TEXT_ENCODERS)):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
+        self.adopt_pipeline(pipe, name)
 
     @property
     def has_t5(self) -> bool:
@@ -92,12 +85,6 @@ class StableDiffusion3Backbone(LatentBackbone):
     def _text_device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def _drop_prompt_encoder(self) -> int:
-        freed = sum(nbytes(getattr(self, attr)) for attr in _TEXT_ENCODERS)
-        for attr in _TEXT_ENCODERS:
-            setattr(self, attr, None)
-            setattr(self.pipe, attr, None)
-        return freed
 
     # ------------------------------------------------------------------ the denoiser
     @property

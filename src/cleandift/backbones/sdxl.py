@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .conditioning import HIDDEN_STATES, Conditioning
-from .latents import LatentBackbone, nbytes
+from .latents import LatentBackbone
 
 
 
@@ -35,6 +35,7 @@ class StableDiffusionXLBackbone(LatentBackbone):
     name = "sdxl"
     family = "sdxl"
     default_feature_taps = ("us2",)
+    text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def __init__(self, pipe, resolution: int | None = None, name: str | None = None) -> None:
         from diffusers import DDPMScheduler  # noqa: PLC0415
@@ -43,15 +44,7 @@ class StableDiffusionXLBackbone(LatentBackbone):
         resolution = resolution or int(pipe.unet.config.sample_size) * vae_factor
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe.unet, pipe.vae, scheduler, resolution=resolution)
-        self.text_encoder = pipe.text_encoder
-        self.text_encoder_2 = pipe.text_encoder_2
-        self.pipe = pipe
-        if name:
-            self.name = name
-        for module in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None:
-                module.requires_grad_(False)
-                module.eval()
+        self.adopt_pipeline(pipe, name)
 
     def _encode_prompt_batch(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self._text_device(),
@@ -74,11 +67,6 @@ class StableDiffusionXLBackbone(LatentBackbone):
         return dict(sample=x, timestep=timestep, encoder_hidden_states=cond.hidden_states,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
 
-    def _drop_prompt_encoder(self) -> int:
-        freed = nbytes(self.text_encoder) + nbytes(self.text_encoder_2)
-        self.text_encoder = self.text_encoder_2 = None
-        self.pipe.text_encoder = self.pipe.text_encoder_2 = None
-        return freed
 
 
 def load(source: str, *, dtype: torch.dtype = torch.float32, resolution: int | None = None,

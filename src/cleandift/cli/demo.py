@@ -21,7 +21,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "short distillation")
     p.add_argument("--distill-steps", type=int, default=40, help="steps of the short distillation (default 40)")
     p.add_argument("--bank", type=int, default=1000,
-                   help="kNN bank size, bundled training images (10-1800: 200 more are the validation images)")
+                   help="kNN bank size, bundled training images (10-1900: 100 more are the validation images)")
     p.add_argument("--queries", type=int, default=300, help="held-out test images scored (max 500)")
     p.set_defaults(func=run)
     return p

@@ -186,21 +186,28 @@ def _score_queries(method: Method, pooled_bank: dict[str, torch.Tensor], bank_la
 
 
 @torch.no_grad()
-def time_method(method: Method, images: torch.Tensor, repeats: int = 5, warmup: int = 1, seed: int = 0) -> float:
-    """Median seconds per image of ``method`` on ``images`` over ``repeats`` timed calls after ``warmup``
-    untimed ones: the first call of a network pays one-off costs (allocations, kernel selection) that a
-    one-shot timing would charge to whichever method happens to run first."""
+def time_methods(methods: dict[str, Method], images: torch.Tensor, repeats: int = 5, warmup: int = 1,
+                 seed: int = 0) -> dict[str, float]:
+    """Median seconds per image of each method on ``images``: ``warmup`` untimed calls each, then
+    ``repeats`` timed rounds that call every method once in turn.
+
+    The first call of a network pays one-off costs (allocations, kernel selection) that a one-shot
+    timing charges to whichever method runs first; taking turns spreads any change in the machine's
+    load over all methods instead of penalising the one that happened to run during it.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     g = torch.Generator().manual_seed(seed)
-    for _ in range(warmup):
-        method.extract(images, g)
-    times = []
+    for method in methods.values():
+        for _ in range(warmup):
+            method.extract(images, g)
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        method.extract(images, g)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(images)
+        for name, method in methods.items():
+            t0 = time.perf_counter()
+            method.extract(images, g)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) / len(images) for name, t in times.items()}
 
 
 def pick_best(val: dict[str, float], test: dict[str, float]) -> tuple[str, float]:

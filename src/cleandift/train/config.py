@@ -175,11 +175,20 @@ def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> tuple[dict[
     """
     old = coerce({k: v for k, v in saved.items() if k.replace("-", "_") in _FIELDS}, "checkpoint config")
     new = config.to_dict()
-    changed = {k: (v, new[k]) for k, v in old.items() if v != new[k]}
+    changed = {k: (v, new[k]) for k, v in old.items() if v != new[k] and not _same_path(k, v, new[k])}
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
     allowed = {k: v for k, v in changed.items() if k in RESUME_MAY_CHANGE}
     return refused, allowed
 
+
+def _same_path(key: str, old: Any, new: Any) -> bool:
+    """``images/`` and ``./images`` (or its absolute path) name the same folder: not a change."""
+    if key not in _PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    return Path(old).expanduser().absolute().resolve() == Path(new).expanduser().absolute().resolve()
+
+
+_PATH_KEYS = ("model", "checkpoint", "single_file_config", "data", "val_data")
 
 #: Values each preset sets (everything else keeps the dataclass default).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -292,10 +292,7 @@ def check_finite_step(model, loss: float, grad_norm: torch.Tensor | None, step: 
     if not math.isfinite(loss):
         what = ("loss", f"{loss}")
     elif accelerator.scaler is None:
-        if grad_norm is None:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        norm = float(grad_norm)
+        norm = float(grad_norm if grad_norm is not None else _grad_norm(model))
         if not math.isfinite(norm):
             what = ("gradient norm", f"{norm}")
     if accelerator.num_processes > 1:  # every process must stop at the same step, or the others hang
@@ -304,6 +301,14 @@ def check_finite_step(model, loss: float, grad_norm: torch.Tensor | None, step: 
             what = ("loss or gradient", "not finite on another process")
     if what is not None:
         raise TrainingDivergedError(step, *what)
+
+
+def _grad_norm(model) -> torch.Tensor:
+    """The global L2 norm of the gradients (one host sync; read-only, so the update is unchanged)."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:

@@ -399,9 +399,7 @@ class CheckpointManager:
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"
         main = accelerator.is_main_process
-        error = _attempt(lambda: (self.root.mkdir(parents=True, exist_ok=True),
-                                  shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir())) if main else None
-        error = _agree(accelerator, error)
+        error = _agree(accelerator, _attempt(lambda: self._fresh(tmp)) if main else None)
         if error is None:
             error = _agree(accelerator, _attempt(lambda: write(tmp)))
         if error is None and main:
@@ -421,6 +419,11 @@ class CheckpointManager:
             log.info("step %d: saved resumable state to %s", step, final)
         accelerator.wait_for_everyone()
         return final
+
+    def _fresh(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         write_manifest(tmp, step)
