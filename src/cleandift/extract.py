@@ -58,15 +58,27 @@ class FeatureExtractor(ABC):
         chunk_size: maximum number of U-Net samples per forward call (bounds memory; the ensemble
             of a noisy extractor counts: 2 images x 8 draws = 16 samples).
         sample_posterior: draw the VAE latent from its posterior instead of taking the mean.
+        readout: ``"residual"`` (block outputs, default) or ``"adaln"`` (diffusion transformers: each
+            block's output through the next AdaLN-modulated norm); see :mod:`cleandift.dit_cleanup`.
+        massive_ratio: zero channels whose RMS exceeds this multiple of the image's median channel RMS
+            ("massive activations" of DiTs); ``None`` (default) keeps every channel.
     """
 
     mode: str = "base"
 
     def __init__(self, backbone: DiffusionBackbone, taps: str | Sequence[str] | None = None,
-                 chunk_size: int = 8, sample_posterior: bool = False) -> None:
+                 chunk_size: int = 8, sample_posterior: bool = False, readout: str = "residual",
+                 massive_ratio: float | None = None) -> None:
+        from .dit_cleanup import check_readout  # noqa: PLC0415
+
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if massive_ratio is not None and not massive_ratio > 1:
+            raise ValueError(f"massive_ratio must be > 1 (a multiple of the median channel RMS), got {massive_ratio}")
         self.backbone = backbone
+        self.readout = check_readout(readout)
+        self.massive_ratio = massive_ratio
+        backbone.readout_taps([], readout)  # fail early on a readout the family does not offer
         self.default_taps = taps if taps is not None else backbone.default_feature_taps
         self.chunk_size = chunk_size
         self.sample_posterior = sample_posterior
@@ -77,7 +89,16 @@ class FeatureExtractor(ABC):
         return self.backbone.unet
 
     def select_taps(self, taps: str | Sequence[str] | None) -> list[Tap]:
-        return self.backbone.taps.select(taps if taps is not None else self.default_taps)
+        selected = self.backbone.taps.select(taps if taps is not None else self.default_taps)
+        return self.backbone.readout_taps(selected, self.readout)
+
+    def _clean(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply the massive-activation option (per image) to finished features."""
+        if self.massive_ratio is None:
+            return feats
+        from .dit_cleanup import suppress_massive_activations  # noqa: PLC0415
+
+        return {name: suppress_massive_activations(f, self.massive_ratio)[0] for name, f in feats.items()}
 
     def __call__(self, images: torch.Tensor, prompts: PromptInput = None, taps: str | Sequence[str] | None = None,
                  generator: GeneratorArg = None) -> dict[str, torch.Tensor]:
@@ -95,7 +116,7 @@ class FeatureExtractor(ABC):
         _check_generators(generator, images.shape[0])
         selected = self.select_taps(taps)
         cond = self.backbone.encode_prompts(prompts, images.shape[0])
-        return self._extract(images, cond, selected, generator)
+        return self._clean(self._extract(images, cond, selected, generator))
 
     def extract_pil(self, images: Sequence, size: int | None = None, resize: ResizePolicy = "stretch",
                     prompts: PromptInput = None, taps: str | Sequence[str] | None = None,
@@ -138,7 +159,8 @@ class FeatureExtractor(ABC):
         return self.backbone.encode_images(images, sample_posterior=self.sample_posterior, generator=generator)
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "sample_posterior": self.sample_posterior, **self.backbone.describe()}
+        return {"mode": self.mode, "sample_posterior": self.sample_posterior, "readout": self.readout,
+                "massive_ratio": self.massive_ratio, **self.backbone.describe()}
 
 
 class CleanExtractor(FeatureExtractor):
@@ -156,8 +178,10 @@ class CleanExtractor(FeatureExtractor):
     mode = "clean"
 
     def __init__(self, backbone: DiffusionBackbone, unet: nn.Module | None = None, timestep: float | None = None,
-                 taps: str | Sequence[str] | None = None, chunk_size: int = 8, sample_posterior: bool = False) -> None:
-        super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior)
+                 taps: str | Sequence[str] | None = None, chunk_size: int = 8, sample_posterior: bool = False,
+                 readout: str = "residual", massive_ratio: float | None = None) -> None:
+        super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior,
+                         readout=readout, massive_ratio=massive_ratio)
         self.student = unet if unet is not None else backbone.unet
         if timestep is None:  # the learned value load_student recorded, else the students' initial 261
             timestep = getattr(self.student, "cleandift_timestep", None)
@@ -190,7 +214,11 @@ class NoisyExtractor(FeatureExtractor):
     """DIFT features: ``x_t = add_noise(x0, eps, t)`` through the frozen U-Net, averaged over draws.
 
     Args:
-        t: training timestep in ``[0, 999]`` (DIFT: 261 for semantic correspondence).
+        t: timestep in ``[0, 999]``, larger is noisier (DIFT: 261 for semantic correspondence). A whole
+            number for DDPM families; flow families (SD3, Flux) take any real ``t`` (``sigma = shift(t/1000)``).
+        sigma: give the noise level directly instead of ``t`` (flow: the sigma of ``x_t = (1-sigma) x0 +
+            sigma eps``; DDPM: ``sqrt(1 - abar_t)``, rounded to the nearest timestep). With a
+            resolution-dependent shift (Flux) ``t`` is derived per image size.
         ensemble: number of noise draws averaged (DIFT: 8).
         noise: ``independent`` -- every image gets its own draws; ``shared`` -- all images in a
             batch use the same draws (SD-DINO's fixed shared noise).
@@ -200,11 +228,19 @@ class NoisyExtractor(FeatureExtractor):
 
     mode = "noisy"
 
-    def __init__(self, backbone: DiffusionBackbone, t: int = DIFT_TIMESTEP, ensemble: int = 8,
+    def __init__(self, backbone: DiffusionBackbone, t: float = DIFT_TIMESTEP, ensemble: int = 8,
                  noise: NoiseMode = "independent", taps: str | Sequence[str] | None = None, chunk_size: int = 8,
-                 sample_posterior: bool = True) -> None:
-        super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior)
-        self.t = int(validate_timestep(t, backbone.num_train_timesteps, "t", integer=True))
+                 sample_posterior: bool = True, sigma: float | None = None, readout: str = "residual",
+                 massive_ratio: float | None = None) -> None:
+        super().__init__(backbone, taps=taps, chunk_size=chunk_size, sample_posterior=sample_posterior,
+                         readout=readout, massive_ratio=massive_ratio)
+        discrete = backbone.noise.discrete
+        self.sigma = None if sigma is None else float(sigma)
+        if self.sigma is not None:
+            t = backbone.noise.timestep_for_sigma(self.sigma, seq_len=backbone.token_count(
+                torch.empty(1, 1, *[backbone.resolution // backbone.latent_factor] * 2)))
+        t = validate_timestep(t, backbone.num_train_timesteps, "t", integer=discrete)
+        self.t = int(t) if discrete else float(t)
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         if noise not in ("independent", "shared"):
@@ -244,7 +280,7 @@ class NoisyExtractor(FeatureExtractor):
         _check_generators(generator, images.shape[0])
         selected = self.select_taps(taps)
         cond = self.backbone.encode_prompts(prompts, images.shape[0])
-        return self._extract(images, cond, selected, generator, noise, posterior_noise)
+        return self._clean(self._extract(images, cond, selected, generator, noise, posterior_noise))
 
     def _extract(self, images, cond, taps, generator, noise=None, posterior_noise=None):
         b = images.shape[0]
@@ -268,7 +304,8 @@ class NoisyExtractor(FeatureExtractor):
         order = torch.arange(self.ensemble * b).view(self.ensemble, b).t().reshape(-1)  # image-major
         for start in range(0, order.numel(), self.chunk_size):
             idx = order[start:start + self.chunk_size].to(flat_x0.device)
-            t = torch.full((idx.numel(),), self.t, device=flat_x0.device, dtype=torch.long)
+            t = torch.full((idx.numel(),), self.timestep_for(mean), device=flat_x0.device,
+                           dtype=torch.long if self.backbone.noise.discrete else torch.float32)
             xt = self.backbone.add_noise(flat_x0[idx].float(), flat_eps[idx].float(), t).to(dtype)
             feats = self.backbone.run_taps(xt, t, cond[idx % b].to(dtype), taps)
             image_index = (idx % b).to(flat_x0.device)
@@ -278,8 +315,17 @@ class NoisyExtractor(FeatureExtractor):
                 sums[name].index_add_(0, image_index, f.float())
         return {name: s / self.ensemble for name, s in sums.items()}
 
+    def timestep_for(self, x0: torch.Tensor) -> float:
+        """``t`` for latents like ``x0``: fixed, or from ``sigma`` at this image size (a resolution-dependent shift)."""
+        if self.sigma is None or self.backbone.noise.discrete:
+            return self.t
+        return self.backbone.noise.timestep_for_sigma(self.sigma, seq_len=self.backbone.token_count(x0))
+
     def describe(self) -> dict:
-        return {**super().describe(), "t": self.t, "ensemble": self.ensemble, "noise": self.noise_mode}
+        out = {**super().describe(), "t": self.t, "ensemble": self.ensemble, "noise": self.noise_mode}
+        if self.sigma is not None:
+            out["sigma"] = self.sigma
+        return out
 
 
 def _check_generators(generator: GeneratorArg, batch_size: int) -> None:

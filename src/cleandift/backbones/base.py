@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..taps import Tap, TapTable, discover_taps, stop_after_taps
 from .conditioning import Conditioning
 from .noise import NoiseProcess, VariancePreserving
@@ -238,6 +240,31 @@ class DiffusionBackbone(nn.Module, ABC):
         inputs = self.denoiser_inputs(x, model_t, Conditioning.of(cond))
         return stop_after_taps(denoiser if denoiser is not None else self.denoiser, taps, inputs,
                                stop_early=stop_early, grid=self.token_grid(x))
+
+    #: the AdaLN-modulated norm of each transformer block list's blocks (``{"transformer_blocks": "norm1"}``);
+    #: empty when the family has no module computing it (U-Nets, PixArt): see :mod:`cleandift.dit_cleanup`
+    adaln_norms: dict[str, str] = {}
+
+    def readout_taps(self, taps: Sequence[Tap], readout: str = "residual") -> list[Tap]:
+        """``taps`` read as ``readout``: ``"residual"`` (the block outputs) or ``"adaln"`` (each block's output
+        through the following AdaLN-modulated normalisation; see :mod:`cleandift.dit_cleanup`)."""
+        from ..dit_cleanup import check_readout  # noqa: PLC0415
+
+        if check_readout(readout) == "residual":
+            return list(taps)
+        if not self.adaln_norms:
+            raise ConfigError(f"the {self.family} family has no AdaLN readout (its denoiser computes no modulated "
+                             "norm in a module); use readout='residual'")
+        chain = list(self.taps)
+        following = {a.name: b.module for a, b in zip(chain, chain[1:])}
+
+        def norm_after(tap: Tap) -> str:
+            nxt = following.get(tap.name)
+            if nxt is None:
+                return "norm_out"
+            return f"{nxt}.{self.adaln_norms[nxt.rsplit('.', 1)[0]]}"
+
+        return [replace(tap, module=norm_after(tap), stream=0) for tap in taps]
 
     def input_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
         """Shape ``(C, h, w)`` of the denoiser's (unpacked) latent for an image of ``(H, W)`` pixels."""

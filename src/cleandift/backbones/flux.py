@@ -78,6 +78,7 @@ class FluxBackbone(LatentBackbone):
 
     name = "flux"
     family = "flux"
+    adaln_norms = {"transformer_blocks": "norm1", "single_transformer_blocks": "norm"}
     text_encoder_names = ("text_encoder", "text_encoder_2")
     default_feature_taps = (DITF_TAP,)
 

@@ -31,6 +31,8 @@ class NoiseProcess(ABC):
 
     kind: str = "base"
     num_train_timesteps: int = 1000
+    #: noise is added at integer timesteps only (a DDPM schedule); flow noise is continuous in t
+    discrete: bool = True
 
     @abstractmethod
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, *,
@@ -44,9 +46,13 @@ class NoiseProcess(ABC):
     def model_timestep(self, t: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
         """What the denoiser's ``timestep`` argument receives for user timesteps ``t`` (float tensor)."""
 
+    @abstractmethod
     def sigma(self, t: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
-        """Noise-to-signal level of ``t`` in the family's own terms (VP: ``sqrt(1 - abar)``; flow: ``sigma``)."""
-        raise NotImplementedError
+        """Noise level of ``t`` in the family's own terms (VP: ``sqrt(1 - abar)``; flow: ``sigma``)."""
+
+    @abstractmethod
+    def timestep_for_sigma(self, sigma: float, *, seq_len: int | None = None) -> float:
+        """The user timestep whose noise level is ``sigma`` (``--sigma``: reproduce peers that quote sigma)."""
 
     def describe(self, seq_len: int | None = None) -> dict:
         return {"noise_process": self.kind}
@@ -76,6 +82,12 @@ class VariancePreserving(NoiseProcess):
     def sigma(self, t, *, seq_len=None):
         return (1 - self._abar(torch.as_tensor(t), torch.device("cpu"))).sqrt()
 
+    def timestep_for_sigma(self, sigma, *, seq_len=None):
+        """The integer t whose ``sqrt(1 - abar_t)`` is nearest to ``sigma`` (a DDPM schedule is discrete)."""
+        _check_sigma(sigma)
+        table = (1 - self.scheduler.alphas_cumprod.to(torch.float64)).sqrt()
+        return float(int((table - float(sigma)).abs().argmin()))
+
     def describe(self, seq_len=None):
         return {"noise_process": self.kind, "prediction_type": getattr(self.scheduler.config, "prediction_type", None)}
 
@@ -90,6 +102,7 @@ class RectifiedFlow(NoiseProcess):
     """
 
     kind = "rectified-flow"
+    discrete = False
 
     def __init__(self, scheduler, timestep_scale: float) -> None:
         self.scheduler = scheduler
@@ -119,6 +132,18 @@ class RectifiedFlow(NoiseProcess):
         shift = float(self.scheduler.config.shift)
         return shift * s / (1 + (shift - 1) * s)
 
+    def timestep_for_sigma(self, sigma, *, seq_len=None):
+        """Inverse of :meth:`sigma`: ``t = 1000 s`` with ``s`` the unshifted sigma."""
+        sigma = _check_sigma(sigma)
+        if sigma in (0.0, 1.0):
+            return sigma * self.num_train_timesteps
+        if self.dynamic:
+            s = 1 / (1 + math.exp(self.mu(seq_len)) * (1 / sigma - 1))
+        else:
+            shift = float(self.scheduler.config.shift)
+            s = sigma / (shift - (shift - 1) * sigma)
+        return s * self.num_train_timesteps
+
     def add_noise(self, x0, noise, t, *, seq_len=None):
         sigma = self.sigma(t.to(x0.device), seq_len=seq_len).view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - sigma) * x0.float() + sigma * noise.float()
@@ -137,3 +162,10 @@ class RectifiedFlow(NoiseProcess):
         else:
             out["shift"] = float(self.scheduler.config.shift)
         return out
+
+
+def _check_sigma(sigma: float) -> float:
+    sigma = float(sigma)
+    if not math.isfinite(sigma) or not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"sigma={sigma} is outside [0, 1] (0 = clean, 1 = pure noise)")
+    return sigma

@@ -52,6 +52,7 @@ class StableDiffusion3Backbone(LatentBackbone):
 
     name = "sd3"
     family = "sd3"
+    adaln_norms = {"transformer_blocks": "norm1"}
     text_encoder_names = _TEXT_ENCODERS
 
     def __init__(self, pipe, resolution: int | None = None, name: str | None = None,

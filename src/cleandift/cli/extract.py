@@ -41,7 +41,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, default=None,
                    help="noisy: integer noise timestep in [0,999] (default 261); clean: the student's timestep "
                         "input, may be fractional (default: the checkpoint's learned value, else 261)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noisy: the noise level instead of --t, for peers that quote sigma (flow models: x_t = "
+                        "(1-sigma) x0 + sigma eps, exact; DDPM models: sqrt(1-abar_t), the nearest t)")
     p.add_argument("--ensemble", type=int, default=8, help="noisy: noise draws averaged (default 8, as DIFT)")
+    p.add_argument("--dit-readout", choices=("residual", "adaln"), default="residual",
+                   help="diffusion transformers: read block outputs as they are (default) or through the next "
+                        "AdaLN-modulated norm (DiTF; SD3 and Flux)")
+    p.add_argument("--massive-ratio", type=float, default=None, metavar="R",
+                   help="zero channels whose RMS is over R x the image's median channel RMS (DiT 'massive "
+                        "activations', e.g. 100; default: keep all)")
     p.add_argument("--noise", choices=("independent", "shared"), default="independent",
                    help="noisy: 'independent' (default): each image's draws come from --seed and the image's "
                         "content, so its features never depend on the other images or --batch-size; "
@@ -79,7 +88,8 @@ def build_extractor(args, backbone):
             log.warning("--checkpoint is ignored in noisy mode (DIFT uses the frozen backbone)")
         return NoisyExtractor(backbone, t=args.t if args.t is not None else DIFT_TIMESTEP,
                               ensemble=args.ensemble, noise=getattr(args, "noise", "independent"),
-                              taps=taps, chunk_size=getattr(args, "chunk_size", 8))
+                              taps=taps, chunk_size=getattr(args, "chunk_size", 8),
+                              sigma=getattr(args, "sigma", None), **_cleanup_options(args))
     unet, timestep = backbone.unet, DIFT_TIMESTEP
     if args.checkpoint:
         unet, ckpt = load_student(backbone.unet, args.checkpoint)
@@ -90,7 +100,13 @@ def build_extractor(args, backbone):
                     "(the 'naive clean' baseline), not a CleanDIFT student")
     if args.t is not None:
         timestep = args.t
-    return CleanExtractor(backbone, unet=unet, timestep=timestep, taps=taps, chunk_size=getattr(args, "chunk_size", 8))
+    return CleanExtractor(backbone, unet=unet, timestep=timestep, taps=taps, chunk_size=getattr(args, "chunk_size", 8),
+                          **_cleanup_options(args))
+
+
+def _cleanup_options(args) -> dict:
+    """The DiT clean-up options (:mod:`cleandift.dit_cleanup`) of commands that have them."""
+    return {"readout": getattr(args, "dit_readout", "residual"), "massive_ratio": getattr(args, "massive_ratio", None)}
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -141,11 +157,26 @@ def _check_t(args, num_timesteps: int | None) -> None:
     """``--t`` exactly as the extractors check it; the range is the model's (1000 steps for the presets)."""
     from ..timesteps import validate_timestep  # noqa: PLC0415
 
+    from ..errors import ConfigError  # noqa: PLC0415
+
+    ratio = getattr(args, "massive_ratio", None)
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 1):
+        raise ConfigError(f"--massive-ratio {ratio}: must be a number > 1 (a multiple of the median channel RMS)")
+    sigma = getattr(args, "sigma", None)
+    if sigma is not None:
+        if args.mode != "noisy" or args.t is not None:
+            raise ConfigError("--sigma sets the noise level of --mode noisy instead of --t: pass one of them, "
+                              "with --mode noisy")
+        if not math.isfinite(sigma) or not 0 <= sigma < 1:
+            raise ConfigError(f"--sigma {sigma}: must be in [0, 1) (0 = clean, 1 = pure noise)")
     if args.t is None:
         return
+    # whole-number t only for DDPM models; a model read from its configs is one (flow families are checked
+    # once loaded: their t is continuous)
+    integer = args.mode == "noisy" and num_timesteps is not None
     if num_timesteps is None and math.isfinite(args.t) and args.t >= 0:
         num_timesteps = max(1000, int(args.t) + 1)  # range checked once the model is loaded
-    validate_timestep(args.t, num_timesteps or 1000, "t", integer=args.mode == "noisy")
+    validate_timestep(args.t, num_timesteps or 1000, "t", integer=integer)
 
 
 def _check_outputs(args) -> None:
@@ -253,6 +284,8 @@ def _extract(args, scan) -> int:
     if args.mode == "clean":
         settings["checkpoint"] = args.checkpoint
     else:
+        latent = torch.empty(1, 1, size // backbone.latent_factor, size // backbone.latent_factor)
+        settings["sigma_at_size"] = backbone.sigma(extractor.timestep_for(latent), latent)
         settings["noise_seed"] = ("per image: --seed and the image content" if args.noise == "independent"
                                   else "shared: --seed alone")
     out = Path(args.out).expanduser()
