@@ -46,3 +46,15 @@ def test_a_gated_model_says_accept_the_licence_and_log_in():
     assert "black-forest-labs/FLUX.1-dev is a gated model: accept the licence" in msg and "log in" in msg
     plain = _not_found_message("sdxl", {"stabilityai/stable-diffusion-xl-base-1.0": "EntryNotFoundError: x"}, False)
     assert "gated" not in plain
+
+
+def test_a_gated_preset_offline_names_the_licence_before_any_download(monkeypatch):
+    from cleandift import load_backbone
+    from cleandift.errors import BackboneNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbone("flux-dev")
+    text = str(info.value)
+    assert "black-forest-labs/FLUX.1-dev is a gated model: accept the licence" in text
+    assert "unset HF_HUB_OFFLINE" in text

@@ -221,12 +221,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _not_found_message(model: str, errors: dict[str, str], local_files_only: bool) -> str:
     lines = [f"could not load backbone {model!r}; tried:", *(f"  - {src}: {why}" for src, why in errors.items())]
-    gated = [src for src, why in errors.items() if _is_gated(why)]
-    preset = get_preset(model)
-    if gated or (preset is not None and preset.gated and not local_files_only):
-        repos = ", ".join(gated or preset.sources)
-        lines.append(f"{repos} is a gated model: accept the licence on its hub page and log in "
-                     "(`huggingface-cli login` or HF_TOKEN) before loading it")
+    lines += _gated_lines(model, [src for src, why in errors.items() if _is_gated(why)])
     lines.append("fix it with one of:")
     lines += _fix_lines()
     lines.append("  --model owner/repo   (another hub id or mirror; needs network or a filled HF cache)")
@@ -234,6 +229,16 @@ def _not_found_message(model: str, errors: dict[str, str], local_files_only: boo
         lines.append("  unset HF_HUB_OFFLINE (offline mode only finds models already in the HF cache)")
     lines.append(f"  {_presets_line()}")
     return "\n".join(lines)
+
+
+def _gated_lines(model: str, gated: list[str]) -> list[str]:
+    """What a gated model needs: named when the hub said so, or when the preset is known to be gated."""
+    preset = get_preset(model)
+    if not gated and (preset is None or not preset.gated):
+        return []
+    repos = ", ".join(gated or preset.sources)
+    return [f"{repos} is a gated model: accept the licence on its hub page and log in (`huggingface-cli login` "
+            "or HF_TOKEN) before loading it"]
 
 
 def _is_gated(why: str) -> bool:
@@ -245,7 +250,7 @@ def _unreachable_message(model: str, sources: list[str], reason: str) -> str:
     lines = [f"could not load backbone {model!r}: the Hugging Face hub ({hub_endpoint()}) cannot be reached "
              f"({reason})",
              f"  and the local cache ({hub_cache_dir()}) does not hold {', '.join(sources)}",
-             "fix it with one of:"]
+             *_gated_lines(model, []), "fix it with one of:"]
     lines += _fix_lines()
     lines.append("  go online once to download it into the cache (afterwards HF_HUB_OFFLINE=1 loads it with "
                  "no network at all), or set HF_ENDPOINT to a reachable mirror")
