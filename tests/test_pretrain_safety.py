@@ -70,7 +70,7 @@ def test_the_payload_is_live(tmp_path):
 
 
 @pytest.mark.parametrize("planted", [CHECKPOINT, "step_000002.safetensors", "loss.csv", "config.json",
-                                     LEGACY_CHECKPOINT, "step_000002.pt"])
+                                     "knn_probe.jsonl", LEGACY_CHECKPOINT, "step_000002.pt"])
 def test_a_payload_planted_in_any_run_file_never_runs(planted, run_dir, idx_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -247,7 +247,7 @@ def make_figures(methods, data, table, folder: Path, student_label: str, losses:
             draw_matches(_big(pairs.source[i], scale), _big(pairs.target[i], scale),
                          _scale_xy(pairs.src_xy[i][keep], scale), _scale_xy(pred, scale), path,
                          gt_xy=_scale_xy(pairs.trg_xy[i][keep], scale), threshold=0.1 * 32 * scale,
-                         title=f"{name}, tap {tap}: green = within 0.1 x 32 px", figsize=(6, 3.3))
+                         title=f"{name}, tap {tap}:", figsize=(6, 3.3))
             figures[f"matches {name} {i}"] = str(path.relative_to(folder.parent))
     images = pairs.source[:8]
     for name in (student_label, noisy_name):
@@ -297,7 +297,8 @@ def write_report(out: Path, backbone, table, figures, distill, student_label, st
 
     losses = distill["losses"]
     if shipped:
-        where = "bundled with the package" if student_source == "bundled" else f"<code>{html.escape(student_source)}</code>"
+        where = ("bundled with the package" if student_source == "bundled"
+                 else f"<code>{html.escape(student_source)}</code>")
         student_note = (f"<p><b>The \u201c{html.escape(student_label)}\u201d row is the shipped, fully trained "
                         f"student</b> ({where}), not the {len(losses)}-step run the demo trains below: that short run "
                         "only shows that distillation works end to end.</p>")

@@ -125,10 +125,13 @@ def _finish(backbone: DiffusionBackbone, preset, device: torch.device | str | No
 
 @contextlib.contextmanager
 def _quiet_hub():
-    """Hide a deprecation warning diffusers triggers inside huggingface_hub on every download: noise the
-    user can do nothing about (download retries on a flaky network stay visible)."""
+    """Hide deprecation warnings diffusers triggers on every load: noise the user can do nothing about
+    (download retries on a flaky network stay visible)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        # newer diffusers releases rename from_pretrained's torch_dtype to dtype; older ones (our floor) know
+        # only torch_dtype, so the family loaders pass it and its deprecation notice is not the user's concern
+        warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
         yield
 
 

@@ -195,16 +195,20 @@ def latest_probe(path: Path, step: int) -> dict | None:
     if not path.is_file():
         return None
     best = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():  # one bad line (torn write, damage) costs only itself
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = json.loads(line.decode("utf-8"))
+            ok = isinstance(entry, dict) and isinstance(entry.get("results"), dict) and "bank" in entry
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            log.warning("%s: skipping an unreadable line", path)
             continue
         if entry.get("step") == step and (best is None or entry.get("bank", 0) >= best.get("bank", 0)):
             best = entry
     if best is None:
         return None
-    return {"bank / queries": f"{best['bank']} / {best['queries']}", **best["results"]}
+    return {"bank / queries": f"{best['bank']} / {best.get('queries')}", **best["results"]}
 
 
 def record_checksum(folder: Path) -> dict:

@@ -8,8 +8,8 @@
   dispatches to native bf16 (see the model card for the measurement here);
 * **atomic checkpoints** (safetensors + JSON metadata, :mod:`.runstate`, written to a temp file, then
   ``os.replace``; reading one never unpickles) every ``checkpoint_every`` steps and **exact resume**:
-  model, EMA, optimizer, LR schedule, step, RNG state, and the data order (each epoch's permutation is a pure function of ``seed`` and the epoch, so the step number alone
-  says where in the data a run is);
+  model, EMA, optimizer, LR schedule, step, RNG state, and the data order (each epoch's permutation is
+  a pure function of ``seed`` and the epoch, so the step number alone says where in the data a run is);
 * the loss curve is appended to ``loss.csv`` at each checkpoint, so the CSV always matches the checkpoint.
 """
 
@@ -32,12 +32,12 @@ from ..backbones.pixel import LabelEncoder, PixelDiffusionBackbone, build_pixel_
 from ..errors import CheckpointMismatchError, ConfigError
 from .config import PretrainConfig
 from .idx import load_idx_dataset, to_model_range
-from .runstate import LEGACY_SUFFIX, SUFFIX, load_state_file, save_state_file
+from .runstate import SUFFIX, load_state_file, save_state_file
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.safetensors"
-#: What runs of cleandift <= 0.x wrote (``torch.save``); still read, with ``weights_only=True`` only.
+#: What runs of cleandift 0.1.0 wrote (``torch.save``); still read, with ``weights_only=True`` only.
 LEGACY_CHECKPOINT = "last.pt"
 FULL_FORMAT, EMA_FORMAT = "cleandift-pretrain", "cleandift-pretrain-ema"
 LOSS_HEADER = ["step", "loss", "lr", "seconds"]
