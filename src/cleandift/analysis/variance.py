@@ -265,7 +265,7 @@ def decompose(batches: Iterable[tuple[torch.Tensor, FeatureFn]], ts: Sequence[in
 
 
 @torch.no_grad()
-def noise_variance_analysis(backbone, images: torch.Tensor, ts: Sequence[int], taps: str | Sequence[str] = "us6",
+def noise_variance_analysis(backbone, images: torch.Tensor, ts: Sequence[int], taps: str | Sequence[str] | None = None,
                             prompts: str | Sequence[str] | None = None, unet: torch.nn.Module | None = None,
                             batch_size: int = 4, draws: int = 1, center: Centering = "channel", seed: int = 0,
                             progress: bool = True) -> VarianceResult:
@@ -273,12 +273,10 @@ def noise_variance_analysis(backbone, images: torch.Tensor, ts: Sequence[int], t
 
     ``x0`` is the VAE posterior mean (no sampling noise); ``F_eps`` feeds the raw draw at
     ``T - 1``; ``F_0`` feeds ``x0`` at ``t = 0`` without noise. ``unet`` defaults to the frozen
-    ``backbone.unet`` (pass a student to analyse it instead).
+    ``backbone.unet`` (pass a student to analyse it instead). ``taps`` default to the family's feature taps.
     """
-    from ..taps import run_to_taps  # noqa: PLC0415
-
     unet = unet if unet is not None else backbone.unet
-    selected = backbone.taps.select(taps)
+    selected = backbone.taps.select(taps if taps is not None else backbone.default_feature_taps)
     t_noise = backbone.num_train_timesteps - 1
     n = images.shape[0]
     if n == 0:
@@ -295,7 +293,8 @@ def noise_variance_analysis(backbone, images: torch.Tensor, ts: Sequence[int], t
             x0 = backbone.encode_images(chunk, sample_posterior=False).float()
 
             def features(x: torch.Tensor, t: int, cond=cond) -> dict[str, torch.Tensor]:
-                return {k: v.float() for k, v in run_to_taps(unet, x.to(dtype), float(t), cond, selected).items()}
+                feats = backbone.run_taps(x.to(dtype), float(t), cond, selected, denoiser=unet)
+                return {k: v.float() for k, v in feats.items()}
 
             yield x0, features
 

@@ -91,7 +91,8 @@ def _register_variance(sub) -> None:
                        description="Paper §3.1: fit feat(x_t;t) by a*feat(eps;999), the residual by b*feat(x0;0); "
                                    "report the explained fractions per tap and t.")
     p.add_argument("--images", required=True, help="image folder / file / glob")
-    p.add_argument("--taps", default="us6", help="tap(s), comma-separated (default us6)")
+    p.add_argument("--taps", default=None,
+                   help="tap(s), comma-separated (default: the family's feature tap, us6 for SD)")
     p.add_argument("--ts", type=parse_timesteps, default=DEFAULT_VARIANCE_TS,
                    help=f"timesteps (default {DEFAULT_VARIANCE_TS})")
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's resolution)")

@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from ..backbones.pixel import PixelDiffusionBackbone
-from ..taps import run_to_taps
 
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
@@ -58,7 +57,7 @@ def pooled_features(backbone: PixelDiffusionBackbone, images: torch.Tensor, taps
         if t > 0:
             x0 = backbone.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), tt)
         cond = backbone.encode_prompts(None, len(x0))
-        feats = run_to_taps(backbone.unet, x0, tt.to(x0.device), cond, selected)
+        feats = backbone.run_taps(x0, tt.to(x0.device), cond, selected)
         for name, f in feats.items():
             out[name].append(f.float().mean(dim=(2, 3)).cpu())
     return {name: torch.cat(v) for name, v in out.items()}
