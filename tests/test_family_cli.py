@@ -92,3 +92,15 @@ def test_dit_cleanup_flags_reach_the_feature_file(folders, images, tmp_path, cap
     code = main(["extract", str(images), "--model", str(folders["flux"]), "--massive-ratio", "0.5",
                  "--out", str(tmp_path / "h.safetensors")])
     assert code == 2 and "--massive-ratio 0.5: must be a number > 1" in capsys.readouterr().err
+
+
+def test_offload_flag_extracts_like_a_plain_load(folders, images, tmp_path):
+    outs = []
+    for extra in ([], ["--offload"]):
+        out = tmp_path / f"f{len(extra)}.safetensors"
+        assert main(["extract", str(images), "--model", str(folders["sd3"]), "--size", "32", "--device", "cpu",
+                     "--out", str(out), "--save-dtype", "fp32", *extra]) == 0
+        outs.append(load_features(out)[0])
+    for key in outs[0]:
+        for tap in outs[0][key]:
+            torch.testing.assert_close(outs[1][key][tap], outs[0][key][tap], rtol=0, atol=1e-6)

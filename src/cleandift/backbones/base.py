@@ -180,6 +180,11 @@ class DiffusionBackbone(nn.Module, ABC):
         """Delete the prompt encoder's weights; returns the bytes freed (0: nothing worth freeing)."""
         return 0
 
+    def enable_model_offload(self, device: torch.device | str) -> None:
+        """Keep weights in CPU memory, moving each model to ``device`` only while it runs (pipeline families)."""
+        raise ConfigError(f"model CPU offload needs a diffusers pipeline family (SDXL, SD3, PixArt, Flux); "
+                          f"{self.name} fits on one device: load it without offload")
+
     def release_decoder(self) -> int:
         """Free the image decoder (SD's VAE decoder): features and training only encode. Returns the bytes freed."""
         return 0

@@ -81,6 +81,18 @@ class LatentBackbone(DiffusionBackbone):
                 module.requires_grad_(False)
                 module.eval()
 
+    def enable_model_offload(self, device: torch.device | str) -> None:
+        """diffusers' model CPU offload on the family pipeline: each model moves to ``device`` when it runs.
+
+        Inputs may stay where they are: the offload hooks move them to ``device`` with the model, and the
+        features come back on ``device``. Distillation does not support it (the student is a trained copy).
+        """
+        pipe = getattr(self, "pipe", None)
+        if pipe is None:
+            super().enable_model_offload(device)
+        pipe.enable_model_cpu_offload(device=torch.device(device))
+        self.offload_device = torch.device(device)
+
     def _drop_prompt_encoder(self) -> int:
         freed = sum(nbytes(getattr(self, attr, None)) for attr in self.text_encoder_names)
         for attr in self.text_encoder_names:

@@ -31,6 +31,7 @@ def load_backbone(
     local_files_only: bool | None = None,
     single_file_config: str | None = None,
     variant: str | None = None,
+    offload: bool = False,
 ) -> DiffusionBackbone:
     """Load a backbone.
 
@@ -48,6 +49,9 @@ def load_backbone(
         single_file_config: diffusers folder or hub id whose configs describe a single-file
             checkpoint (needed offline; online diffusers infers it).
         variant: weight variant on the hub, e.g. ``"fp16"``.
+        offload: keep the weights in CPU memory and move each model (text encoders, denoiser, VAE) to
+            ``device`` only while it runs (diffusers' model CPU offload): Flux or SD3 on one GPU that cannot
+            hold every model at once. Pipeline families only (SDXL, SD3, PixArt, Flux).
     """
     if local_files_only is None:
         local_files_only = offline_mode()
@@ -68,7 +72,7 @@ def load_backbone(
         offline = local_files_only or hub or _single_file_offline(source, single_file_config)
         backbone = _try_source(source, errors, dtype, resolution, offline, single_file_config, variant)
         if backbone is not None:
-            return _finish(backbone, preset, device)
+            return _finish(backbone, preset, device, offload)
     # pass 2: download the hub ids, if allowed and the hub answers
     online = [source for source in candidates if is_hub_id(source)]
     if local_files_only or not online:
@@ -79,7 +83,7 @@ def load_backbone(
     for source in online:
         backbone = _try_source(source, errors, dtype, resolution, False, single_file_config, variant)
         if backbone is not None:
-            return _finish(backbone, preset, device)
+            return _finish(backbone, preset, device, offload)
     raise BackboneNotFoundError(_not_found_message(model, errors, local_files_only))
 
 
@@ -117,9 +121,13 @@ def _try_source(source: str, errors: dict[str, str], dtype: torch.dtype, resolut
         return None
 
 
-def _finish(backbone: DiffusionBackbone, preset, device: torch.device | str | None) -> DiffusionBackbone:
+def _finish(backbone: DiffusionBackbone, preset, device: torch.device | str | None,
+            offload: bool = False) -> DiffusionBackbone:
     if preset:
         backbone.name = preset.name
+    if offload:
+        backbone.enable_model_offload(device or "cpu")
+        return backbone
     return backbone.to(device=device or "cpu")
 
 

@@ -29,6 +29,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "Read the output with cleandift.load_features(path).")
     p.add_argument("images", nargs="*", help="image files, folders (searched recursively) or glob patterns")
     add_model_args(p)
+    p.add_argument("--offload", action="store_true",
+                   help="keep weights in CPU memory and move each model to --device only while it runs "
+                        "(SDXL, SD3, PixArt, Flux on one GPU that cannot hold them all)")
     p.add_argument("--out", default="features.safetensors",
                    help="output file (default features.safetensors); its folder must exist")
     p.add_argument("--taps", default=None,
@@ -257,7 +260,7 @@ def _load(args):
     state = PartialState(cpu=wanted.type == "cpu")  # cpu=True lets torchrun / accelerate form a CPU process group
     device = wanted if state.num_processes == 1 else state.device
     backbone = load_backbone(args.model, device=device, dtype=resolve_dtype(args.dtype),
-                             single_file_config=args.single_file_config)
+                             single_file_config=args.single_file_config, offload=getattr(args, "offload", False))
     return state, backbone
 
 
