@@ -22,3 +22,26 @@ def test_variance_decomposition_on_transformer_families(builder, tmp_path):
         assert all(0.0 <= v <= 1.0 + 1e-6 for v in series[key]), (key, series[key])
     # more noise, more of the feature variance explained by the noise draw
     assert series["eps"][1] > series["eps"][0]
+
+
+def test_knn_probe_reads_the_family_default_tap_and_records_it(tmp_path):
+    """``eval knn`` without ``--taps`` on a transformer family: its feature tap, named in the results."""
+    import argparse
+    import json
+
+    from cleandift.cli.eval_probes import add_probe_commands
+
+    from test_knn import COLOURS, write_image_folder
+
+    folder = tiny_flux.save(tmp_path / "flux")
+    root = write_image_folder(tmp_path / "data", {"train": 1, "val": 1}, classes=dict(list(COLOURS.items())[:2]))
+    parser = argparse.ArgumentParser()
+    add_probe_commands(parser.add_subparsers())
+    out = tmp_path / "knn.json"
+    args = parser.parse_args(["knn", "--root", str(root), "--model", str(folder), "--device", "cpu", "--mode",
+                              "noisy", "--t", "200", "--ensemble", "1", "--size", "32", "--k", "1", "--out", str(out),
+                              "--no-progress"])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["metrics"]["num_samples"] == 2
+    assert json.dumps(result["config"]).count('"block2"') >= 1  # tiny Flux's middle block, not SD's us6

@@ -76,7 +76,8 @@ def add_feature_args(parser: argparse.ArgumentParser, task: str | None) -> None:
     prompt_help = f"default {d['prompt']!r}" if task else "default: the task's"
     split_help = f"default {d['split']}" if task else "default: the task's"
     group = parser.add_argument_group("features")
-    group.add_argument("--taps", default="us6", help="tap(s), comma-separated (default us6 = DIFT's map)")
+    group.add_argument("--taps", default=None,
+                       help="tap(s), comma-separated (default: the family's feature tap, us6 = DIFT's map for SD)")
     group.add_argument("--size", type=int, default=None, help="model frame side (default: the model's resolution)")
     group.add_argument("--resize", default="stretch", choices=("stretch", "pad", "crop"),
                        help="how images are put into the frame (default stretch)")
@@ -142,6 +143,8 @@ def load_model(args: argparse.Namespace):
 
     backbone = load_backbone(args.model, device=resolve_device(args.device), dtype=resolve_dtype(args.dtype),
                              single_file_config=getattr(args, "single_file_config", None))
+    if getattr(args, "taps", "") is None:  # results record the taps actually read
+        args.taps = ",".join(backbone.default_feature_taps)
     student, timestep = None, float(DIFT_TIMESTEP)
     if args.checkpoint:
         from ..checkpoints import load_student  # noqa: PLC0415
