@@ -453,9 +453,8 @@ def test_size_checked_against_loaded_model_too(tiny_pipeline_dir, good_png, tmp_
 
 def test_model_facts_match_the_loaded_model(tiny_backbone, tiny_pipeline_dir):
     from cleandift.cli.extract import model_facts
-    from cleandift.extract import model_cell
 
-    assert model_facts(str(tiny_pipeline_dir)) == (model_cell(tiny_backbone), tiny_backbone.num_train_timesteps)
+    assert model_facts(str(tiny_pipeline_dir)) == (tiny_backbone.size_multiple, tiny_backbone.num_train_timesteps)
     assert model_facts("sd15") == (64, 1000) and model_facts("no/such/thing") == (None, None)
 
 

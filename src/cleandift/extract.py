@@ -42,13 +42,6 @@ def image_generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(image, seed)) for image in images]
 
 
-def model_cell(backbone: DiffusionBackbone) -> int:
-    """Pixels per coarsest U-Net cell: input sizes must be a multiple of it (64 for SD)."""
-    if "mid" in backbone.taps:
-        return backbone.latent_factor * backbone.taps["mid"].stride
-    return backbone.latent_factor * max((t.stride for t in backbone.taps), default=8)
-
-
 class FeatureExtractor(ABC):
     """Common interface: ``extractor(images, prompts, taps) -> {tap: (B, C, h, w)}``.
 
@@ -134,7 +127,7 @@ class FeatureExtractor(ABC):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor in [-1, 1], got {shape}")
-        cell = model_cell(self.backbone)
+        cell = self.backbone.size_multiple
         h, w = images.shape[-2:]
         if h % cell or w % cell:
             raise ValueError(f"image size {h}x{w} is not a multiple of {cell} px (the U-Net's coarsest cell); "

@@ -224,9 +224,7 @@ def model_facts(model: str) -> tuple[int | None, int | None]:
 
 def _check_loaded(args, backbone, extractor, size: int) -> None:
     """What only the loaded model can tell: its cell for ``--size`` and the taps behind ``--taps all``."""
-    from ..extract import model_cell  # noqa: PLC0415
-
-    _check_size(size, model_cell(backbone))
+    _check_size(size, backbone.size_multiple)
     if args.pca:
         extractor.select_taps(args.pca)  # unknown tap name -> one-line UnknownTapError
 

@@ -393,8 +393,8 @@ def release_unused_parts(backbone: DiffusionBackbone, datasets: Sequence, max_pr
 
 
 def check_size(size: int, backbone: DiffusionBackbone) -> int:
-    """The image side must be a multiple of the U-Net's coarsest cell (64 px for SD)."""
-    cell = backbone.latent_factor * (backbone.taps["mid"].stride if "mid" in backbone.taps else 8)
+    """The image side must be a multiple of the denoiser's coarsest cell (64 px for SD, 16 for a DiT)."""
+    cell = backbone.size_multiple
     if size % cell:
         raise ConfigError(f"--size {size} is not a multiple of {cell} px (the U-Net's coarsest cell); "
                           f"use e.g. {max(cell, round(size / cell) * cell)}")
