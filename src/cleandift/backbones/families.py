@@ -34,7 +34,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sdxl", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
            "cleandift.backbones.sdxl", "SDXL (+ Turbo): two CLIPs + U-Net with added time ids, DDPM"),
     Family("sd3", ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
-           "cleandift.backbones.sd3", "SD3 / 3.5: CLIP-L + CLIG-G + T5 + MMDiT, rectified flow (static shift)"),
+           "cleandift.backbones.sd3", "SD3 / 3.5: CLIP-L + CLIP-G + T5 + MMDiT, rectified flow (static shift)"),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
            "cleandift.backbones.pixart", "PixArt-Sigma / -Alpha: T5 + DiT, DDPM"),
     Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"),

@@ -103,10 +103,6 @@ class FluxBackbone(LatentBackbone):
         return Conditioning({HIDDEN_STATES: embeds, "pooled_projections": pooled,
                              "txt_ids": text_ids.expand(len(prompts), -1, -1)})
 
-    def _text_device(self) -> torch.device:
-        encoder = self.text_encoder_2 if self.text_encoder_2 is not None else self.text_encoder
-        return next(encoder.parameters()).device
-
 
     # ------------------------------------------------------------------ the denoiser
     @property

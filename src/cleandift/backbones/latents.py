@@ -81,6 +81,11 @@ class LatentBackbone(DiffusionBackbone):
                 module.requires_grad_(False)
                 module.eval()
 
+    def _text_device(self) -> torch.device:
+        """Where the (first remaining) text encoder lives: prompts are tokenised onto it."""
+        encoders = (getattr(self, attr, None) for attr in self.text_encoder_names)
+        return next(next(e for e in encoders if e is not None).parameters()).device
+
     def enable_model_offload(self, device: torch.device | str) -> None:
         """diffusers' model CPU offload on the family pipeline: each model moves to ``device`` when it runs.
 

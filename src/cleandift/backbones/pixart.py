@@ -88,9 +88,6 @@ class PixArtBackbone(LatentBackbone):
                                                      clean_caption=False)
         return Conditioning({HIDDEN_STATES: embeds, MASK: mask})
 
-    def _text_device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
-
 
     # ------------------------------------------------------------------ images
     def _latent_affine(self, like: torch.Tensor) -> tuple[float, float]:

@@ -83,9 +83,6 @@ class StableDiffusion3Backbone(LatentBackbone):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return Conditioning({HIDDEN_STATES: embeds, "pooled_projections": pooled})
 
-    def _text_device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
-
 
     # ------------------------------------------------------------------ the denoiser
     @property

@@ -51,10 +51,6 @@ class StableDiffusionXLBackbone(LatentBackbone):
                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Conditioning({HIDDEN_STATES: embeds, "text_embeds": pooled})
 
-    def _text_device(self) -> torch.device:
-        encoder = self.text_encoder_2 if self.text_encoder_2 is not None else self.text_encoder
-        return next(encoder.parameters()).device
-
     def time_ids(self, height: int, width: int, pooled_dim: int, dtype: torch.dtype) -> torch.Tensor:
         """``(1, 6)`` added time ids of a ``height x width`` px image, as the pipeline builds them."""
         size = (int(height), int(width))
