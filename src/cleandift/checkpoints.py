@@ -10,7 +10,9 @@ Formats understood (detected from the keys, never from the file name):
 * an original-layout (LDM) U-Net file with only ``model.diffusion_model.*`` keys (what ODISE-based
   pipelines such as SD-DINO / GeoAware-SC load; ``cleandift convert --to ldm-unet`` writes one).
 * a folder written by ``cleandift train`` export (``unet/`` + ``heads.safetensors`` + ``cleandift.json``)
-  or any diffusers U-Net folder.
+  or any diffusers U-Net folder. ``unet/`` holds the denoiser of any family (a LoRA run: merged weights).
+* a LoRA student (format ``"lora"``): a diffusers LoRA file (``pytorch_lora_weights.safetensors``, keys
+  ``unet.*`` / ``transformer.*``), a peft-keyed state dict, or the ``lora/`` folder of a LoRA export.
 
 Only safetensors or ``torch.load(weights_only=True)`` is used: a checkpoint never runs code.
 A checkpoint that does not fit the backbone raises :class:`CheckpointMismatchError` naming the
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointMismatchError, CheckpointNotFoundError, DamagedCheckpointError
+from .lora import LORA_FILE, LoraFile, attach_lora_file, is_lora_state, lora_from_state, read_lora_file
 
 STUDENT_PREFIX = "unet_feature_extractor_cleandift."
 TEACHER_PREFIX = "unet_feature_extractor_base."
@@ -49,12 +52,13 @@ class StudentCheckpoint:
     """The parts of a checkpoint, split by role (keys relative to each part)."""
 
     source: str
-    format: str  # "unet" | "full" | "ldm-unet" | "export"
+    format: str  # "unet" | "full" | "ldm-unet" | "export" | "lora"
     student: dict[str, torch.Tensor]
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] | None = None
     timestep: float | None = None
     meta: dict = field(default_factory=dict)
+    lora: LoraFile | None = None  # format "lora": adapter weights + settings (``student`` is then empty)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,6 +108,8 @@ def check_finite(ckpt: StudentCheckpoint) -> None:
     One float64 sum per tensor (no large temporaries); NaN and inf both survive a sum.
     """
     parts = {**{f"student {k}": v for k, v in ckpt.student.items()}, **{f"heads {k}": v for k, v in ckpt.heads.items()}}
+    if ckpt.lora is not None:
+        parts.update({f"lora {k}": v for k, v in ckpt.lora.state.items()})
     bad = [name for name, t in parts.items()
            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))]
     if ckpt.timestep is not None and not _finite_number(ckpt.timestep):
@@ -180,6 +186,8 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "<state dict>
     heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
     student = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES) and k != "timestep"}
     timestep = float(state["timestep"].float().item()) if "timestep" in state else None
+    if is_lora_state(student):
+        return StudentCheckpoint(source, "lora", {}, heads, None, timestep, lora=lora_from_state(student, source))
     return StudentCheckpoint(source, "unet", student, heads, None, timestep)
 
 
@@ -191,9 +199,46 @@ def read_checkpoint(path: str | Path) -> StudentCheckpoint:
     from .released import resolve_checkpoint  # noqa: PLC0415
 
     path = resolve_checkpoint(path)
-    ckpt = _read_export_folder(path) if path.is_dir() else split_checkpoint(read_state_dict(path), str(path))
+    if path.is_dir() and (path / LORA_FILE).is_file() and not (path / "unet").is_dir():
+        ckpt = _read_lora_folder(path)
+    elif path.is_dir():
+        ckpt = _read_export_folder(path)
+    elif path.suffix == ".safetensors" and _has_lora_keys(path):
+        ckpt = _lora_checkpoint(read_lora_file(path), path.parent)
+    else:
+        ckpt = split_checkpoint(read_state_dict(path), str(path))
     check_finite(ckpt)
     return ckpt
+
+
+def _has_lora_keys(path: Path) -> bool:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 -- unreadable: the normal reader reports it with the file name
+        return False
+    return bool(keys) and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def _read_lora_folder(path: Path) -> StudentCheckpoint:
+    return _lora_checkpoint(read_lora_file(path / LORA_FILE), path)
+
+
+def _lora_checkpoint(lora: LoraFile, folder: Path) -> StudentCheckpoint:
+    """A LoRA student; ``cleandift.json`` next to the file (a LoRA export's ``lora/``) gives its timestep,
+    and ``heads.safetensors`` there or one level up its heads."""
+    meta = _read_json(folder / EXPORT_META, _REEXPORT) if (folder / EXPORT_META).is_file() else {}
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{folder / EXPORT_META}: expected a JSON object; {_REEXPORT}")
+    heads_file = next((f for f in (folder / EXPORT_HEADS, folder.parent / EXPORT_HEADS) if f.is_file()), None)
+    heads = _load_safetensors(heads_file, _REEXPORT) if heads_file is not None and meta else {}
+    timestep = meta.get("timestep")
+    if timestep is None and "timestep" in heads:
+        timestep = float(heads["timestep"].float().item())
+    heads.pop("timestep", None)
+    return StudentCheckpoint(lora.source, "lora", {}, heads, None, timestep, meta, lora=lora)
 
 
 def _read_export_folder(path: Path) -> StudentCheckpoint:
@@ -237,12 +282,26 @@ def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoin
         check_finite(ckpt)  # read_checkpoint checks what it reads; a hand-built one is checked here
     else:
         ckpt = read_checkpoint(checkpoint)
+    if ckpt.lora is not None:  # the base weights plus the adapters (unmerged: exactly the trained forward)
+        _check_lora_base(base_unet, ckpt)
+        student = copy.deepcopy(base_unet)
+        attach_lora_file(student, ckpt.lora)
+        student.cleandift_timestep = ckpt.timestep
+        return student, ckpt
     check_fits(base_unet, ckpt.student, ckpt.source)
     student = copy.deepcopy(base_unet)
     ref = next(base_unet.parameters())
     student.load_state_dict({k: v.to(dtype=ref.dtype) for k, v in ckpt.student.items()}, strict=True)
     student.cleandift_timestep = ckpt.timestep  # CleanExtractor's default timestep follows the checkpoint
     return student, ckpt
+
+
+def _check_lora_base(base: nn.Module, ckpt: StudentCheckpoint) -> None:
+    from .lora import has_lora  # noqa: PLC0415
+
+    if has_lora(base):
+        raise CheckpointMismatchError(f"{ckpt.source}: the backbone's denoiser already carries a cleandift LoRA "
+                                      "adapter (a training run's?); load a fresh backbone to apply this one")
 
 
 @dataclass

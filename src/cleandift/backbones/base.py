@@ -189,6 +189,13 @@ class DiffusionBackbone(nn.Module, ABC):
         """Free the image decoder (SD's VAE decoder): features and training only encode. Returns the bytes freed."""
         return 0
 
+    def release_encoder(self) -> int:
+        """Free the image encoder once every image it will see is encoded (``cache_latents`` training).
+
+        Later :meth:`encode_images` calls raise. Returns the bytes freed (0: no encoder worth freeing).
+        """
+        return 0
+
     def _apply(self, fn, *args, **kwargs):  # cached encodings follow the module's device / dtype, like buffers
         def move(row: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # module fns cast floating tensors only
             return {k: fn(v) for k, v in row.items()}

@@ -111,9 +111,28 @@ class LatentBackbone(DiffusionBackbone):
         self.vae.post_quant_conv = None
         return freed
 
+    def release_encoder(self) -> int:
+        freed = nbytes(self.vae.encoder) + nbytes(getattr(self.vae, "quant_conv", None))
+        # a weightless stand-in: `vae.encode` then fails with a clear message, and the VAE still reports its dtype
+        self.vae.encoder = _ReleasedEncoder(next(self.vae.encoder.parameters()))
+        self.vae.quant_conv = None
+        return freed
+
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
+
+
+class _ReleasedEncoder(nn.Module):
+    """Stands in for a VAE encoder freed by :meth:`LatentBackbone.release_encoder`."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype_marker = nn.Parameter(like.new_empty(0), requires_grad=False)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the VAE encoder was released after caching the training latents (cache_latents); "
+                           "load the backbone again to encode images")
 
 
 def nbytes(module: nn.Module | None) -> int:

@@ -7,6 +7,8 @@ Examples::
     cleandift train --config my.yaml --batch-size 4 --grad-accum 2         # YAML file, flags override it
     cleandift train --out runs/sd21 --resume --max-steps 800               # continue a run exactly
     cleandift train --data images/ --out runs/x --dry-run                  # check data / model / memory only
+    cleandift train --model sdxl --student lora --data images/ --out runs/sdxl-lora --teacher-dtype bf16
+                                                                           # LoRA student (r 64), one base model
     accelerate launch --multi_gpu -m cleandift.cli.main train ...          # several GPUs / nodes
 
 Flags override the YAML file, which overrides the preset; the resolved config is saved to
@@ -15,10 +17,10 @@ RUN_DIR/config.yaml. The trained student is exported to RUN_DIR/export (load it 
 
 --resume continues from the newest intact checkpoint (sha256-verified; a damaged newer one is
 reported and moved aside) and refuses changed hyper-parameters: only --max-steps,
---checkpoint-every, --keep-checkpoints, --val-every, --workers, --device, --out, --no-export (and
-log_every) may change. SIGTERM / SIGHUP / SIGINT finish the current step, write a checkpoint and exit
-with 128 + the signal number (143 / 129 / 130); a second signal stops at once. A non-finite loss,
-gradient or weight stops the run (exit 2) without saving or exporting it.
+--checkpoint-every, --keep-checkpoints, --val-every, --workers, --device, --out, --no-export,
+--[no-]cache-latents (and log_every) may change. SIGTERM / SIGHUP / SIGINT finish the current step,
+write a checkpoint and exit with 128 + the signal number (143 / 129 / 130); a second signal stops at
+once. A non-finite loss, gradient or weight stops the run (exit 2) without saving or exporting it.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="precision of the frozen teacher (bf16 halves its memory; default: fp32)")
     run.add_argument("--gradient-checkpointing", action="store_true", default=None,
                      help="recompute student activations in backward (less memory, ~30%% slower)")
+    run.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=None,
+                     help="encode every image's VAE posterior once before the first step, keep it in RAM "
+                          "(and RUN_DIR/latents.safetensors) and free the VAE encoder; same results, no VAE "
+                          "encode per step (default off)")
     run.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default 2)")
     run.add_argument("--checkpoint-every", type=int, default=None,
                      help="save a resumable state every N steps (default 100; the last step is always saved)")
@@ -97,6 +103,16 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="align student features directly (paper ablation)")
     method.add_argument("--student-timestep", choices=("learned", "fixed"), default=None,
                         help="learned scalar initialised at 261 (reference, default) or fixed at 261")
+    student = parser.add_argument_group("student")
+    student.add_argument("--student", choices=("full", "lora"), default=None,
+                         help="full: a trainable copy of the denoiser (reference, default); lora: peft adapters in "
+                              "the shared denoiser, the teacher is the base with adapters off (paper App. F)")
+    student.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 64, the paper's)")
+    student.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
+    student.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    student.add_argument("--lora-targets", default=None, metavar="REGEX|LIST",
+                         help="modules to adapt: a regex over module names or a comma list of name suffixes "
+                              "(default: the family's self-attention + FFN preset)")
     method.add_argument("--no-captions", dest="captions", action="store_false", default=None,
                         help="ignore caption files; every image gets --prompt (default empty)")
     method.add_argument("--prompt", default=None, help="prompt for images without a caption (default empty)")
@@ -106,9 +122,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 _OVERRIDES = ("model", "checkpoint", "single_file_config", "device", "data", "val_data", "val_images", "out",
               "preset", "max_steps", "batch_size", "grad_accum", "size", "resize", "lr", "warmup_steps",
-              "optimizer", "seed", "gradient_checkpointing", "workers", "checkpoint_every", "keep_checkpoints",
-              "val_every", "export", "taps", "num_timesteps", "loss", "head_norm", "use_heads", "student_timestep",
-              "captions", "prompt")
+              "optimizer", "seed", "gradient_checkpointing", "cache_latents", "workers", "checkpoint_every",
+              "keep_checkpoints", "val_every", "export", "taps", "num_timesteps", "loss", "head_norm",
+              "use_heads", "student_timestep", "captions", "prompt", "student", "lora_rank", "lora_alpha",
+              "lora_dropout", "lora_targets")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

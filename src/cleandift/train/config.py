@@ -12,6 +12,11 @@ Presets (paper and reference code disagree; both are reproducible by name):
 * ``code`` -- ``configs/sd*_feature_extractor.yaml``: Adam, lr 1e-5, ``constant_with_warmup`` with
   2000 warmup steps (so a 400-step run never leaves warmup and ends at lr 2e-6), batch 8, plain
   resize (aspect distorted). ``max_steps`` is null (unbounded) there; we keep 400.
+
+Student kinds (``student``): ``full`` (the reference) or ``lora`` (App. F: rank 64 on self-attention and
+FFN). Neither the paper nor the code gives a LoRA learning rate; a LoRA run whose ``lr`` was not set
+explicitly uses :data:`LORA_LR` (1e-4, the usual LoRA fine-tuning rate, e.g. diffusers' LoRA scripts):
+the presets' 2e-6 / 1e-5 are full-fine-tuning rates under which a zero-initialised adapter barely moves.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ PRESET_NAMES: tuple[str, ...] = ("paper", "code")
 LR_SCHEDULES: tuple[str, ...] = ("constant_with_warmup", "constant")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adam-fused", "adam-foreach", "adam8bit")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+STUDENTS: tuple[str, ...] = ("full", "lora")
+#: Learning rate of a LoRA student when ``lr`` is not given explicitly (see the module docstring).
+LORA_LR = 1e-4
 RESIZES: tuple[str, ...] = ("crop", "stretch")
 
 
@@ -73,6 +81,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0 = no clipping (the reference does not clip)
     gradient_checkpointing: bool = False
+    cache_latents: bool = False  # encode each image's VAE posterior once, then free the VAE encoder
+    # student
+    student: str = "full"  # "full" (a trainable copy, the reference) or "lora" (peft adapters, App. F)
+    lora_rank: int = 64
+    lora_alpha: float | None = None  # None = rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None  # None = the family preset (cleandift.lora.TARGET_PRESETS)
     # method
     taps: str | None = None  # None = the 11 reference taps
     num_timesteps: int = 3
@@ -112,6 +127,8 @@ class TrainConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("head_norm", self.head_norm, HEAD_NORMS)
         _choice("student_timestep", self.student_timestep, ("learned", "fixed"))
+        _choice("student", self.student, STUDENTS)
+        self.lora_settings()  # rank / alpha / dropout ranges
         for name in ("max_steps", "batch_size", "grad_accum", "num_timesteps", "head_depth", "ffn_expansion",
                      "mapping_width", "mapping_d_ff", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -137,6 +154,12 @@ class TrainConfig:
         return HeadConfig(depth=self.head_depth, ffn_expansion=self.ffn_expansion, head_norm=self.head_norm,
                           use_gating=self.use_gating, cond_dim=self.mapping_width, mapping_depth=self.mapping_depth,
                           mapping_d_ff=self.mapping_d_ff)
+
+    def lora_settings(self):
+        from ..lora import LoraSettings  # noqa: PLC0415
+
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                            targets=self.lora_targets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,7 +188,7 @@ class TrainConfig:
 #: (learning rate, batch size, data, model, method, precision, ...) would make the resumed steps a
 #: different run from the one checkpointed, so ``--resume`` refuses such changes.
 RESUME_MAY_CHANGE: tuple[str, ...] = ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
-                                      "workers", "export", "device", "out")
+                                      "workers", "export", "device", "out", "cache_latents")
 
 
 def resume_changes(saved: Mapping[str, Any], config: TrainConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -297,6 +320,9 @@ def resolve_config(config_file: str | Path | None = None, overrides: Mapping[str
     merged.update(file_values)
     merged.update(flag_values)
     merged["preset"] = preset
+    lr_given = "lr" in base_values or "lr" in file_values or "lr" in flag_values
+    if merged.get("student") == "lora" and not lr_given:
+        merged["lr"] = LORA_LR
     return TrainConfig(**merged)
 
 

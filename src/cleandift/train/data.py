@@ -112,8 +112,10 @@ def split_validation(records: Sequence[ImageRecord], n_val: int, seed: int
 class ImageFolder(Dataset):
     """Decoded, resized images with captions; an undecodable file is replaced by the next good one.
 
-    Each item is ``{"image": (3, S, S) in [-1, 1], "caption": str, "path": str, "skipped": [(path, reason)]}``;
-    ``skipped`` lists files that failed on the way (reported by the training loop).
+    Each item is ``{"image": (3, S, S) in [-1, 1], "caption": str, "path": str, "index": int,
+    "skipped": [(path, reason)]}``; ``index`` is the image actually delivered (the requested one, or the
+    good one that replaced it) and ``skipped`` lists files that failed on the way (reported by the
+    training loop).
     """
 
     def __init__(self, records: Sequence[ImageRecord], size: int, resize: str = "crop", prompt: str = "") -> None:
@@ -131,6 +133,11 @@ class ImageFolder(Dataset):
         """Every distinct prompt this dataset can yield (captions, else the default prompt)."""
         return {rec.caption if rec.caption is not None else self.prompt for rec in self.records}
 
+    def describe_item(self, index: int) -> dict:
+        """``{"caption", "path"}`` of image ``index`` without decoding it (used by the latent cache)."""
+        rec = self.records[index]
+        return {"caption": rec.caption if rec.caption is not None else self.prompt, "path": str(rec.path)}
+
     def load(self, index: int) -> torch.Tensor:
         img = load_image(self.records[index].path)
         return image_to_tensor(resize_image(img, self.size, self.resize)[0])
@@ -144,9 +151,7 @@ class ImageFolder(Dataset):
             except BadImageError as exc:
                 skipped.append((exc.path, exc.reason))
                 continue
-            rec = self.records[i]
-            caption = rec.caption if rec.caption is not None else self.prompt
-            return {"image": image, "caption": caption, "path": str(rec.path), "skipped": skipped}
+            return {"image": image, **self.describe_item(i), "index": i, "skipped": skipped}
         raise DatasetError(f"none of the {len(self.records)} training images could be decoded; "
                            f"first error: {skipped[0][0]}: {skipped[0][1]}")
 
@@ -173,12 +178,15 @@ class IdxImages(Dataset):
     def prompts(self) -> set[str]:
         return {self.prompt}
 
+    def describe_item(self, index: int) -> dict:
+        return {"caption": self.prompt, "path": f"{self.source}#{self.indices[index]}"}
+
     def __getitem__(self, index: int) -> dict:
         from ..pretrain.idx import to_model_range  # noqa: PLC0415
 
         i = self.indices[index]
         image = to_model_range(self.images[i:i + 1], self.size)[0].expand(3, -1, -1).contiguous()
-        return {"image": image, "caption": self.prompt, "path": f"{self.source}#{i}", "skipped": []}
+        return {"image": image, **self.describe_item(index), "index": index, "skipped": []}
 
 
 def idx_source(data: str | Path) -> Path | None:
@@ -209,12 +217,28 @@ def prepare_idx_datasets(images_file: Path, size: int, val_images: int, prompt: 
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "images": torch.stack([it["image"] for it in items]),
+    """Batch items: ``images`` (decoded items) or ``moments`` ``(mean, std or None)`` (latent-cache items,
+    :mod:`cleandift.train.latent_cache`), plus ``captions``, ``paths``, ``indices`` and ``skipped``."""
+    batch = {
         "captions": [it["caption"] for it in items],
         "paths": [it["path"] for it in items],
+        "indices": [it.get("index") for it in items],
         "skipped": [s for it in items for s in it["skipped"]],
     }
+    if "mean" in items[0]:  # in the memory layout the VAE returned them in: it decides the denoiser's kernels
+        mean_layout, std_layout = items[0].get("layout") or ("contiguous", "contiguous")
+        std = [it["std"] for it in items]
+        batch["moments"] = (_in_layout(torch.stack([it["mean"] for it in items]), mean_layout),
+                            None if std[0] is None else _in_layout(torch.stack(std), std_layout))
+    else:
+        batch["images"] = torch.stack([it["image"] for it in items])
+    return batch
+
+
+def _in_layout(t: torch.Tensor, layout: str | None) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 class StreamBatchSampler:

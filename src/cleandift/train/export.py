@@ -12,6 +12,13 @@ with no extra arguments; ``UNet2DConditionModel.from_pretrained(export_dir / "un
 Optionally (``full=True``) ``cleandift_full.safetensors`` in the reference ``*_full`` layout
 (student, teacher, heads, timestep; no VAE). The folder is written next to the target and renamed
 into place, so a crash never leaves half an export.
+
+A LoRA student exports both ways (no ``cleandift_unet.safetensors`` duplicate)::
+
+    unet/                                  the denoiser (U-Net or transformer) with the adapters merged in
+    lora/pytorch_lora_weights.safetensors  the adapters in diffusers' LoRA layout (``pipe.load_lora_weights``)
+    lora/cleandift.json                    the student timestep and settings, so ``--checkpoint .../lora`` works
+    heads.safetensors, cleandift.json      as above
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ def export_run(aligner: FeatureAligner, out_dir: str | Path, *, config=None, ful
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if aligner.student_kind == "lora":
+        _write_lora_student(aligner, tmp, config, dtype)
+        _replace_dir(tmp, out_dir)
+        return out_dir
     student = aligner.student
     state = _cast(student.state_dict(), dtype)
     if dtype is None:
@@ -61,11 +72,34 @@ def export_run(aligner: FeatureAligner, out_dir: str | Path, *, config=None, ful
     return out_dir
 
 
+def _write_lora_student(aligner: FeatureAligner, tmp: Path, config, dtype: torch.dtype | None) -> None:
+    """``unet/`` (merged), ``lora/`` (adapters + metadata), heads and ``cleandift.json``."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from ..lora import adapter_metadata, lora_state_dict, merged_state_dict, pipeline_prefix, save_lora_file  # noqa: PLC0415
+
+    denoiser = aligner.student
+    (tmp / "unet").mkdir()
+    denoiser.save_config(str(tmp / "unet"))
+    save_file(merged_state_dict(denoiser, dtype), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    prefix = pipeline_prefix(denoiser)
+    save_lora_file(tmp / "lora", lora_state_dict(denoiser), adapter_metadata(denoiser), prefix, dtype)
+    save_file(_cast(heads_state_dict(aligner), dtype), str(tmp / EXPORT_HEADS))
+    meta = export_metadata(aligner, config)
+    meta["files"] = {"unet": "unet/ (adapters merged)", "lora": "lora/pytorch_lora_weights.safetensors",
+                     "heads": EXPORT_HEADS}
+    meta["lora_prefix"] = prefix
+    text = json.dumps(meta, indent=2)
+    (tmp / EXPORT_META).write_text(text, encoding="utf-8")
+    (tmp / "lora" / EXPORT_META).write_text(text, encoding="utf-8")
+
+
 def heads_state_dict(aligner: FeatureAligner) -> dict[str, torch.Tensor]:
     """Heads with the reference key names (``adapters.*``, ``mapping.*``, ``time_in_proj.*``,
     ``time_emb.weight``) plus the learned ``timestep``."""
     state = {k: v.detach().contiguous() for k, v in aligner.state_dict().items()
-             if not k.startswith("unet_feature_extractor_cleandift.")}
+             if not k.startswith(("unet_feature_extractor_cleandift.", "unet_feature_extractor_lora."))}
     state["timestep"] = aligner.timestep.detach().float().reshape(())
     return state
 

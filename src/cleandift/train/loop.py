@@ -47,6 +47,7 @@ from ..signals import StopRequest, signal_name, stop_on_signals
 from ..version import __version__
 from .config import RESUME_MAY_CHANGE, TrainConfig, resume_changes
 from .data import ImageFolder, StreamBatchSampler, collate, make_loader, prepare_datasets
+from .latent_cache import model_inputs, prepare_latent_cache
 from .run_state import CheckpointManager, DamagedRunStateError, load_state, read_trainer, save_state, verify
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ CHECKPOINT_DIR = "checkpoints"
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Left in RUN_DIR by a killed write (config, logs, export); removed when a run (re)starts.
-_STALE_RUN_FILES = ("config.yaml.tmp", "train_log.csv.tmp", "val_log.csv.tmp", ".export.tmp", ".export.old")
+_STALE_RUN_FILES = ("config.yaml.tmp", "train_log.csv.tmp", "val_log.csv.tmp", ".export.tmp", ".export.old",
+                    "latents.safetensors.tmp", "latents.json.tmp")
 
 __all__ = ["train", "TrainResult", "TrainState", "TrainingDivergedError", "CheckpointManager", "check_run"]
 
@@ -150,6 +152,7 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
         ckpts.set_aside_newer(resume_from[0])
 
     train_set, val_set, bad = _datasets(config, backbone)  # before any model loads: fail fast on data
+    own_backbone = backbone is None  # only a backbone loaded here has parts released
     if backbone is None:
         backbone = load_training_backbone(config, accelerator.device)
         release_unused_parts(backbone, [train_set, val_set])
@@ -158,6 +161,12 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     train_set.size = size
     if val_set is not None:
         val_set.size = size
+    # cache_latents: every image's VAE posterior, encoded once (then the encoder is freed); the steps and the
+    # validation read these instead of decoding + encoding images (bit-identical, see latent_cache)
+    latents = (prepare_latent_cache(config, backbone, train_set, val_set if config.val_every else None, run_dir,
+                                    accelerator, release=own_backbone) if config.cache_latents else None)
+    train_items = latents.train if latents is not None else train_set
+    val_items = latents.val if latents is not None else val_set
 
     _seed_everything(config.seed)
     aligner = build_aligner(config, backbone, init=resume_from is None)  # a resume loads its own weights
@@ -183,10 +192,10 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
     logger = RunLogger(run_dir, aligner.tap_names, enabled=main, resume_step=state.step)
     sampler = StreamBatchSampler(len(train_set), config.batch_size, config.seed, start_batch=state.batches,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    batches = iter(make_loader(train_set, sampler, config.workers))
+    batches = iter(make_loader(train_items, sampler, config.workers if latents is None else 0))
     val_loss = None
     if val_set is not None and config.val_every and resume_from is None:
-        val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
+        val_loss = logger.validation(state.step, validate(model, val_items, config, accelerator))
 
     def save() -> None:
         check_finite_weights(accelerator.unwrap_model(model), state.step)
@@ -211,7 +220,7 @@ def train(config: TrainConfig, *, backbone: DiffusionBackbone | None = None, res
                 bar.set_postfix_str(_postfix(total, per_tap))
                 if val_set is not None and config.val_every and (state.step % config.val_every == 0
                                                                   or state.step == config.max_steps):
-                    val_loss = logger.validation(state.step, validate(model, val_set, config, accelerator))
+                    val_loss = logger.validation(state.step, validate(model, val_items, config, accelerator))
                 periodic = config.checkpoint_every and state.step % config.checkpoint_every == 0
                 saved = bool(periodic or state.step == config.max_steps)
                 if saved:
@@ -260,12 +269,12 @@ def train_step(model, batches, optimizer, scheduler, state: TrainState, config: 
         batch = next(batches)
         state.batches += 1
         _record_skipped(state, batch["skipped"])
-        images = batch["images"].to(accelerator.device)
+        images, cached = model_inputs(batch, accelerator.device)  # images, or cached moments (cache_latents)
         captions = batch["captions"]  # sidecar captions, else config.prompt (see ImageFolder)
         generator = step_generator(config.seed, state.step, micro, accelerator.process_index)
         sync = micro == config.grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            out = model(images, captions, generator=generator)
+            out = model(images, captions, generator=generator, **cached)
             accelerator.backward(out.loss / config.grad_accum)
         total += out.loss.detach().float().item() / config.grad_accum
         for name, value in out.per_tap.items():
@@ -329,15 +338,18 @@ def _stop_signal(stop: StopRequest, accelerator) -> int | None:
 
 @torch.no_grad()
 def validate(model, val_set: ImageFolder, config: TrainConfig, accelerator) -> tuple[float, dict[str, float]]:
-    """Mean alignment loss on the held-out images with fixed noise (comparable across steps)."""
+    """Mean alignment loss on the held-out images with fixed noise (comparable across steps).
+
+    ``val_set``: the image dataset, or its :class:`~cleandift.train.latent_cache.CachedLatents` (cache_latents).
+    """
     model.eval()
     total, per_tap, n = 0.0, {}, 0
     for k, start in enumerate(range(0, len(val_set), config.batch_size)):
         batch = collate([val_set[i] for i in range(start, min(start + config.batch_size, len(val_set)))])
-        images = batch["images"].to(accelerator.device)
+        images, cached = model_inputs(batch, accelerator.device)
         generator = step_generator(config.seed, -1, k, 0)
-        out = model(images, batch["captions"], generator=generator)
-        b = images.shape[0]
+        out = model(images, batch["captions"], generator=generator, **cached)
+        b = len(batch["captions"])
         total += out.loss.float().item() * b
         for name, value in out.per_tap.items():
             per_tap[name] = per_tap.get(name, 0.0) + value.float().item() * b
@@ -410,7 +422,8 @@ def build_aligner(config: TrainConfig, backbone: DiffusionBackbone, init: bool =
         student_timestep=config.student_timestep, timestep_init=config.timestep_init,
         sample_posterior=config.sample_posterior,
         teacher_dtype=_DTYPES[config.teacher_dtype] if config.teacher_dtype else None,
-        gradient_checkpointing=config.gradient_checkpointing)
+        gradient_checkpointing=config.gradient_checkpointing, student_kind=config.student,
+        lora=config.lora_settings() if config.student == "lora" else None)
     if config.checkpoint and init:
         from ..checkpoints import read_checkpoint  # noqa: PLC0415
 
@@ -703,6 +716,17 @@ def _log_start(config: TrainConfig, backbone, aligner: FeatureAligner, size: int
     log.info("taps %s, I=%d timesteps in [%d, %d), loss %s, heads %s, student timestep %s (%.1f)",
              ",".join(aligner.tap_names), config.num_timesteps, config.t_min, config.t_max, config.loss,
              config.head_norm if config.use_heads else "none", config.student_timestep, config.timestep_init)
+    trainable = sum(p.numel() for p in aligner.trainable_parameters())
+    if config.student == "lora":
+        from ..lora import lora_layers  # noqa: PLC0415
+
+        lora = aligner.lora_settings
+        log.info("student: LoRA rank %d, alpha %g on %s (%d adapted layers); %.2fM trainable parameters "
+                 "(adapters + heads); the teacher is the base with adapters off", lora.rank, lora.alpha or lora.rank,
+                 lora.targets or "the family preset", len(lora_layers(aligner.student)),
+                 trainable / 1e6)
+    else:
+        log.info("student: full copy of the denoiser; %.2fM trainable parameters", trainable / 1e6)
     try:
         estimate = estimate_memory(backbone, aligner.selected_taps, size, config.batch_size, config.num_timesteps,
                                    aligner.head_config, config.student_timestep == "learned")
@@ -722,11 +746,44 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
     """Everything :func:`train` checks before its first step, without training or writing: returns a report.
 
     Data (folder, readable images, split), resume state, model (loads ``config.model``), image
-    size, taps and head options, the ``--checkpoint`` (student and heads fit), and the memory estimate.
+    size, taps and head options, the ``--checkpoint`` (student and heads fit; a LoRA file needs a LoRA run
+    of the same rank and layers, a full checkpoint a full run), and the memory estimate of the chosen
+    student kind next to the other one (:mod:`cleandift.train.memory`).
     """
     from ..checkpoints import check_fits, read_checkpoint  # noqa: PLC0415
     from ..heads import ProjectionHeads, check_head_state  # noqa: PLC0415
     from .memory import estimate_memory  # noqa: PLC0415
+
+    def check_lora_checkpoint(ckpt) -> None:
+        """A ``--checkpoint`` for a LoRA run must be a LoRA file of the run's rank and layers; a LoRA file needs a
+        LoRA run. One-line :class:`~cleandift.errors.CheckpointMismatchError` otherwise."""
+        from ..errors import CheckpointMismatchError  # noqa: PLC0415
+        from ..lora import LORA_FILE  # noqa: PLC0415
+        from .memory import lora_count  # noqa: PLC0415
+
+        if ckpt.lora is None:  # a full (or merged) student for a LoRA run
+            lora_dir = Path(ckpt.source) / "lora"
+            hint = (f"pass its adapters, --checkpoint {lora_dir}" if (lora_dir / LORA_FILE).is_file()
+                    else "train it with --student full, or pass a LoRA file / a LoRA export's lora/ folder")
+            raise CheckpointMismatchError(f"--checkpoint {ckpt.source}: holds a full student ({ckpt.format}), but "
+                                          f"this is a --student lora run; {hint}")
+        lora = ckpt.lora
+        if config.student != "lora":
+            raise CheckpointMismatchError(f"--checkpoint {ckpt.source}: a LoRA student (rank {lora.rank}), but this "
+                                          f"is a --student {config.student} run; pass --student lora --lora-rank "
+                                          f"{lora.rank} (or, for a full student, its merged export folder with unet/)")
+        if lora.rank != config.lora_rank:
+            raise CheckpointMismatchError(f"--checkpoint {ckpt.source}: LoRA rank {lora.rank}, but --lora-rank is "
+                                          f"{config.lora_rank}; pass --lora-rank {lora.rank}")
+        _, layers = lora_count(backbone, config.lora_settings())
+        theirs, ours = set(lora.target_modules), set(layers)
+        if theirs != ours:
+            extra, missing = sorted(theirs - ours), sorted(ours - theirs)
+            example = (f"e.g. {extra[0]} is not adapted by this run" if extra
+                       else f"e.g. {missing[0]} is not in the file")
+            raise CheckpointMismatchError(f"--checkpoint {ckpt.source}: its LoRA adapts {len(theirs)} layer(s), this "
+                                          f"run's targets adapt {len(ours)} ({example}); pass the --lora-targets it "
+                                          "was trained with, or use the backbone family it was trained for")
 
     run_dir = Path(config.out).expanduser()
     check_device(config)
@@ -740,6 +797,7 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
     if resume_from is not None:
         lines.append(f"resume: from {resume_from[0]} (checksums verified)"
                      + "".join(f", {k} {old!r} -> {new!r}" for k, (old, new) in allowed.items()))
+    loaded_here = backbone is None  # train() releases the decoder / prompt encoder only of a backbone it loaded
     if backbone is None:
         backbone = load_training_backbone(config, torch.device(config.device or "cpu"))
     size = check_size(config.size or backbone.resolution, backbone)
@@ -749,16 +807,23 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
                  f"{','.join(t.name for t in taps)}, heads {config.head_norm if head_config else 'none'}")
     if config.checkpoint:
         ckpt = read_checkpoint(config.checkpoint)
-        check_fits(backbone.unet, ckpt.student, ckpt.source)
+        if ckpt.lora is not None or config.student == "lora":
+            check_lora_checkpoint(ckpt)
+        else:
+            check_fits(backbone.unet, ckpt.student, ckpt.source)
         if head_config is not None and ckpt.heads:
             with torch.device("meta"):
                 heads = ProjectionHeads({t.name: t.channels for t in taps}, head_config)
             keep = ("mapping.", "time_in_proj.", "time_emb.") + tuple(f"adapters.{t.name}." for t in taps)
             check_head_state(heads, {k: v for k, v in ckpt.heads.items() if k.startswith(keep)}, ckpt.source)
-        lines.append(f"checkpoint: {ckpt.source} ({ckpt.format}) fits"
+        what = f"LoRA rank {ckpt.lora.rank}, {len(ckpt.lora.target_modules)} layers" if ckpt.lora else ckpt.format
+        lines.append(f"checkpoint: {ckpt.source} ({what}) fits"
                      + (", heads fit" if head_config is not None and ckpt.heads else ""))
+    prompts = set().union(*(ds.prompts() for ds in (train_set, val_set) if ds is not None))
     estimate = estimate_memory(backbone, taps, size, config.batch_size, config.num_timesteps, head_config,
-                               config.student_timestep == "learned")
+                               config.student_timestep == "learned", student_kind=config.student,
+                               lora=config.lora_settings(), release_decoder=loaded_here,
+                               release_prompt_encoder=loaded_here and len(prompts) <= 256, compare=True)
     lines.append(_report(estimate, config))
     lines.append(f"config ({config.preset} preset): lr {config.lr:g}, {config.lr_schedule} "
                  f"({config.warmup_steps} warmup), {config.max_steps} steps x {config.batch_size} images x "
@@ -769,6 +834,8 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
 
 
 def _report(estimate, config: TrainConfig) -> str:
+    """The memory estimate of ``config``'s settings (student kind, LoRA rank / layers / trainable parameters,
+    the breakdown and, when the estimate carries one, the other student kind side by side)."""
     return estimate.report(config.dtype, config.gradient_checkpointing, config.optimizer, config.teacher_dtype)
 
 
