@@ -138,11 +138,15 @@ class FluxBackbone(LatentBackbone):
 
 
 def load(source: str, *, dtype: torch.dtype = torch.float32, resolution: int | None = None,
-         local_files_only: bool = False, variant: str | None = None) -> FluxBackbone:
-    """Load a Flux.1 diffusers folder or hub repo (every component through diffusers' own loader)."""
+         local_files_only: bool = False, variant: str | None = None,
+         components: dict | None = None) -> FluxBackbone:
+    """Load a Flux.1 diffusers folder or hub repo (every component through diffusers' own loader).
+
+    ``components`` replaces pipeline components (e.g. ``{"transformer": ...}`` read from a single file).
+    """
     from diffusers import FluxPipeline  # noqa: PLC0415
 
     pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only,
-                                        variant=variant)
+                                        variant=variant, **(components or {}))
     return FluxBackbone(pipe, resolution=resolution)
 

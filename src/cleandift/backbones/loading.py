@@ -41,7 +41,9 @@ def load_backbone(
 
     Args:
         model: a preset name (``sd15``, ``sd21``, ``mini``), a diffusers pipeline folder, a hub repo
-            id, or a single-file ``.safetensors`` / ``.ckpt`` checkpoint of SD 1.x / 2.x.
+            id, or a single-file ``.safetensors`` / ``.ckpt`` checkpoint of SD 1.x / 2.x, SDXL, SD3 / 3.5
+            or Flux.1 (:mod:`.single_file`; SD3 / Flux files give the transformer, ``single_file_config``
+            the rest).
         device, dtype: where and in which precision the backbone runs (default CPU / float32).
         resolution: default image size; presets know theirs, folders default to
             ``unet.config.sample_size * 8``.
@@ -149,7 +151,10 @@ def _load_source(source: str, dtype: torch.dtype, resolution: int | None, local_
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise BackboneNotFoundError(f"{path}: not a checkpoint (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return _load_single_file(path, dtype, resolution, local_files_only, single_file_config)
+        from .single_file import load_single_file  # noqa: PLC0415
+
+        return load_single_file(path, dtype, resolution, local_files_only, single_file_config,
+                                _load_single_file)
     if path.is_dir():
         from .pixel import is_pixel_backbone_folder, load_pixel_backbone  # noqa: PLC0415
 
@@ -272,7 +277,8 @@ def _unreachable_message(model: str, sources: list[str], reason: str) -> str:
 def _fix_lines() -> list[str]:
     return [
         "  --model /path/to/diffusers-folder   (a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/)",
-        "  --model /path/to/model.safetensors [--model-config DIR]   (a single-file SD checkpoint)",
+        "  --model /path/to/model.safetensors [--model-config DIR]   "
+        "(a single-file SD / SDXL / SD3 / Flux checkpoint)",
         "  --model mini   (the bundled model: no download, runs on a CPU)",
     ]
 

@@ -1,7 +1,7 @@
 """Stable-Diffusion-architecture backbones with random weights, built offline from configs.
 
-Used by the tests (tiny models that keep SD's block layout), by the benchmarks (SD 1.5 / 2.1 at
-real size) and by anyone who wants to check plumbing without downloading weights. The features of
+Used by the tests (tiny models that keep SD's block layout), by the benchmarks (SD 1.5 / 2.1 and
+the SDXL U-Net at real size) and by anyone who wants to check plumbing without downloading weights. The features of
 a random model are meaningless; never report quality numbers from one.
 """
 
@@ -54,12 +54,31 @@ ARCHITECTURES: dict[str, dict] = {
                   hidden_act="gelu", vocab_size=1000),
         resolution=128,
     ),
+    # SDXL base at real size (U-Net ~2.57 B parameters, the real SDXL VAE). The two CLIP text encoders are
+    # 2-layer stand-ins with SDXL's output widths (768 + 1280 = 2048 hidden, 1280 pooled): a distillation
+    # encodes its prompt once and releases them, so their size does not enter a training step.
+    "sdxl": dict(
+        family="sdxl",
+        unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024,
+                 scaling_factor=0.13025, force_upcast=True),
+        text=dict(hidden_sizes=(768, 1280), projection_dim=1280, num_hidden_layers=2),
+        resolution=1024,
+    ),
 }
 
 
 def unet_config(arch: str) -> dict:
     """Full ``UNet2DConditionModel`` config of an architecture (SD's block types and layout)."""
     spec = ARCHITECTURES[arch]["unet"]
+    if ARCHITECTURES[arch].get("family") == "sdxl":  # the spec is the complete SDXL config
+        return dict(spec)
     return dict(
         in_channels=4, out_channels=4, layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -111,6 +130,8 @@ def build_random_backbone(arch: str = "tiny-sd15", seed: int = 0, dtype: torch.d
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
 
     spec = ARCHITECTURES[arch]
+    if spec.get("family") == "sdxl":
+        return build_random_sdxl_backbone(arch, seed=seed, dtype=dtype, tokenizer_dir=tokenizer_dir)
     unet = build_unet(arch, seed)
     torch.manual_seed(seed + 1)
     n = len(spec["vae"]["block_out_channels"])
@@ -127,6 +148,38 @@ def build_random_backbone(arch: str = "tiny-sd15", seed: int = 0, dtype: torch.d
     scheduler = DDPMScheduler(**SD_SCHEDULER)
     backbone = StableDiffusionBackbone(unet, vae, text_encoder, tokenizer, scheduler, resolution=spec["resolution"],
                                        name=f"random-{arch}")
+    return backbone.to(dtype=dtype)
+
+
+def build_random_sdxl_backbone(arch: str = "sdxl", seed: int = 0, dtype: torch.dtype = torch.float32,
+                               tokenizer_dir: str | Path | None = None):
+    """An SDXL-architecture backbone with random weights (``StableDiffusionXLBackbone`` over a real pipeline)."""
+    import tempfile  # noqa: PLC0415
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline  # noqa: PLC0415
+
+    from ..testing import components  # noqa: PLC0415
+    from ..testing.tiny_sdxl import SCHEDULER as SDXL_SCHEDULER  # noqa: PLC0415
+    from .sdxl import StableDiffusionXLBackbone  # noqa: PLC0415
+
+    spec = ARCHITECTURES[arch]
+    unet = build_unet(arch, seed)
+    torch.manual_seed(seed + 1)
+    n = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, **spec["vae"])
+    text = spec["text"]
+    width_1, width_2 = text["hidden_sizes"]
+    text_encoder = components.clip_text_encoder(width_1, projection_dim=width_1, seed=seed + 2,
+                                                layers=text["num_hidden_layers"])
+    text_encoder_2 = components.clip_text_encoder(width_2, projection_dim=text["projection_dim"], with_projection=True,
+                                                  seed=seed + 3, layers=text["num_hidden_layers"])
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="cleandift-tokenizer-"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=components.clip_tokenizer(folder / "tok1"), tokenizer_2=components.clip_tokenizer(folder / "tok2"),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False)
+    backbone = StableDiffusionXLBackbone(pipe, resolution=spec["resolution"], name=f"random-{arch}")
     return backbone.to(dtype=dtype)
 
 

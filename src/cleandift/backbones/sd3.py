@@ -117,18 +117,21 @@ class StableDiffusion3Backbone(LatentBackbone):
 
 def load(source: str, *, dtype: torch.dtype = torch.float32, resolution: int | None = None,
          local_files_only: bool = False, variant: str | None = None, text_encoder_3: bool = True,
-         max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> StableDiffusion3Backbone:
+         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+         components: dict | None = None) -> StableDiffusion3Backbone:
     """Load an SD3 / SD3.5 diffusers folder or hub repo (every component through diffusers' own loader).
 
     ``text_encoder_3=False`` skips T5 (4.7 B parameters): prompts then get zeros in place of its
     tokens, exactly as the pipeline does without it. A folder saved without T5 (``model_index.json``
-    lists ``text_encoder_3: [null, null]``) loads that way by itself.
+    lists ``text_encoder_3: [null, null]``) loads that way by itself. ``components`` replaces pipeline
+    components (e.g. ``{"transformer": ...}`` read from a single file).
     """
     from diffusers import StableDiffusion3Pipeline  # noqa: PLC0415
 
     kwargs = {}
     if not text_encoder_3 or not _lists_t5(StableDiffusion3Pipeline, source, local_files_only):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    kwargs.update(components or {})
     pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype, variant=variant,
                                                     local_files_only=local_files_only, **kwargs)
     return StableDiffusion3Backbone(pipe, resolution=resolution, max_sequence_length=max_sequence_length)

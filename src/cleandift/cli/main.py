@@ -17,7 +17,7 @@ import sys
 from ..errors import CleanDIFTError
 from ..version import __version__
 
-COMMAND_MODULES = ("demo", "extract", "train", "pretrain", "eval", "analyze", "viz", "convert", "env")
+COMMAND_MODULES = ("demo", "extract", "train", "pretrain", "eval", "analyze", "viz", "convert", "env", "explore")
 
 
 def build_parser() -> argparse.ArgumentParser:
