@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,3 +56,13 @@ def summary(times: list[float]) -> tuple[float, float]:
 def environment_line() -> str:
     return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+
+
+def append_report(text: str, out: str | Path) -> Path:
+    """Append a run's report to a results file (results accumulate: every measured run stays on record)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(text + "\n")
+    print(f"appended to {out}")
+    return out

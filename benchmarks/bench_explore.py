@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment_line  # noqa: E402
+from _timing import append_report, environment_line  # noqa: E402
 
 from cleandift.explore.cache import FeatureCache  # noqa: E402
 from cleandift.explore.session import Explorer, open_session  # noqa: E402
@@ -146,11 +146,7 @@ def main() -> None:
                 print("\n".join(lines), flush=True)
     base.close()
     text = "\n".join(lines) + "\n"
-    out = Path(args.out or Path(__file__).parent / "results" / "explore.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(text + "\n")
-    print(f"appended to {out}")
+    append_report(text, args.out or Path(__file__).parent / "results" / "explore.md")
 
 
 if __name__ == "__main__":

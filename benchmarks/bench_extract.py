@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment_line, interleaved, peak_rss_mb, reset_peak_rss, summary  # noqa: E402
+from _timing import append_report, environment_line, interleaved, peak_rss_mb, reset_peak_rss, summary  # noqa: E402
 
 from cleandift.backbones.random_init import build_random_backbone  # noqa: E402
 from cleandift.extract import CleanExtractor, NoisyExtractor  # noqa: E402
@@ -124,11 +124,7 @@ def main() -> None:
                                   args.throughput_images, args.throughput_warmup, args.throughput_repeats)
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out or Path(__file__).parent / "results" / f"extract-{args.arch}-{args.size}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(text + "\n")
-    print(f"appended to {out}")
+    append_report(text, args.out or Path(__file__).parent / "results" / f"extract-{args.arch}-{args.size}.md")
 
 
 if __name__ == "__main__":
