@@ -13,14 +13,11 @@ from PIL import Image
 
 from cleandift.errors import ConfigError
 from cleandift.train.config import TrainConfig
+from image_folders import write_random_images
 
 
 def _write_images(folder, n: int = 6, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (72 + 8 * i, 96, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_random_images(folder, n, seed, grow=8)
 
 
 def _config(data, out, **kw) -> TrainConfig:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cleandift.train.config import LORA_LR, TrainConfig, resolve_config
+from image_folders import write_random_images
 
 
 def _write_images(folder, n: int = 5):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_random_images(folder, n)
 
 
 def test_lora_learning_rate_default_and_settings():

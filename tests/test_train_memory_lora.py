@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from cleandift import load_backbone
 from cleandift.heads import HeadConfig, ProjectionHeads
 from cleandift.lora import TARGET_PRESETS, LoraSettings
 from cleandift.train.memory import GiB, estimate_memory, lora_count, meta_conditioning
+from image_folders import write_random_images
 
 RANK = 4
 
@@ -134,11 +133,7 @@ def test_meta_conditioning_matches_the_encoder(family, tiny_pipeline_dir, tmp_pa
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _images(folder, n=3):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_random_images(folder, n, width=80)
 
 
 def _lora_file(pipeline_dir, folder, rank):

@@ -21,21 +21,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cleandift.errors import CleanDIFTError, ConfigError
 from cleandift.train import run_state
 from cleandift.train.config import TrainConfig, replace, resolve_config
 from cleandift.train.run_state import CheckpointWriteError, verify
+from image_folders import write_random_images
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _images(folder, n: int = 5):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_random_images(folder, n)
 
 
 def _config(data, out, **kw) -> TrainConfig:

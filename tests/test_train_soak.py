@@ -15,10 +15,9 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_folders import write_random_images
 
 STEPS = 5
 KILLS = 6
@@ -48,11 +47,7 @@ _DRIVER = textwrap.dedent('''
 
 
 def _images(folder, n: int = 5):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_random_images(folder, n)
 
 
 def _load(path):
