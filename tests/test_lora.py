@@ -291,3 +291,20 @@ def test_bf16_base_keeps_fp32_adapters_and_gradient_checkpointing_matches(tiny_p
     assert torch.allclose(plain[0], checkpointed[0], atol=1e-6)
     assert len(plain[1]) == len(checkpointed[1]) > 0
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(plain[1], checkpointed[1]))
+
+
+def test_load_student_in_place_equals_copy(tiny_pipeline_dir, tmp_path):
+    """``inplace=True`` (what ``cleandift extract`` uses) puts the student into the backbone's own denoiser."""
+    aligner = FeatureAligner(load_backbone(str(tiny_pipeline_dir)), taps="us6", student_kind="lora",
+                             lora=LoraSettings(rank=RANK))
+    _train(aligner, _images(64), steps=2)
+    export = export_run(aligner, tmp_path / "export")
+    images = _images(64, seed=7)
+    for spec in (export, export / "lora"):
+        copied_from, in_place = load_backbone(str(tiny_pipeline_dir)), load_backbone(str(tiny_pipeline_dir))
+        copy_model, _ = load_student(copied_from.denoiser, spec)
+        own_model, _ = load_student(in_place.denoiser, spec, inplace=True)
+        assert own_model is in_place.denoiser and copy_model is not copied_from.denoiser
+        a = CleanExtractor(copied_from, unet=copy_model, taps="us6")(images)["us6"]
+        b = CleanExtractor(in_place, unet=own_model, taps="us6")(images)["us6"]
+        assert torch.equal(a, b), spec

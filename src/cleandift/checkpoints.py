@@ -271,10 +271,13 @@ def _read_export_folder(path: Path) -> StudentCheckpoint:
     return StudentCheckpoint(str(path), "export", student, heads, None, timestep, meta)
 
 
-def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoint) -> tuple[nn.Module, StudentCheckpoint]:
+def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoint, *,
+                 inplace: bool = False) -> tuple[nn.Module, StudentCheckpoint]:
     """A copy of ``base_unet`` with the student weights of ``checkpoint`` (strict).
 
     The copy keeps the base U-Net's device and dtype (released files are bf16; they are cast).
+    ``inplace=True`` loads into ``base_unet`` itself instead of a copy -- for callers that no longer need the
+    frozen base (``cleandift extract`` in clean mode): a Flux-size denoiser is then never held twice.
     Returns the student and the parsed checkpoint (for its heads and learned timestep).
     """
     if isinstance(checkpoint, StudentCheckpoint):
@@ -284,12 +287,12 @@ def load_student(base_unet: nn.Module, checkpoint: str | Path | StudentCheckpoin
         ckpt = read_checkpoint(checkpoint)
     if ckpt.lora is not None:  # the base weights plus the adapters (unmerged: exactly the trained forward)
         _check_lora_base(base_unet, ckpt)
-        student = copy.deepcopy(base_unet)
+        student = base_unet if inplace else copy.deepcopy(base_unet)
         attach_lora_file(student, ckpt.lora)
         student.cleandift_timestep = ckpt.timestep
         return student, ckpt
     check_fits(base_unet, ckpt.student, ckpt.source)
-    student = copy.deepcopy(base_unet)
+    student = base_unet if inplace else copy.deepcopy(base_unet)
     ref = next(base_unet.parameters())
     student.load_state_dict({k: v.to(dtype=ref.dtype) for k, v in ckpt.student.items()}, strict=True)
     student.cleandift_timestep = ckpt.timestep  # CleanExtractor's default timestep follows the checkpoint

@@ -79,8 +79,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build_extractor(args, backbone):
-    """Clean or noisy extractor from CLI args (shared with other commands)."""
+def build_extractor(args, backbone, *, owns_backbone: bool = False):
+    """Clean or noisy extractor from CLI args (shared with other commands).
+
+    ``owns_backbone``: the caller loaded ``backbone`` only for this extractor, so a ``--checkpoint`` is loaded
+    into its denoiser in place rather than into a copy (one denoiser in memory instead of two).
+    """
     from ..checkpoints import load_student  # noqa: PLC0415
     from ..extract import CleanExtractor, NoisyExtractor  # noqa: PLC0415
     from ..timesteps import DIFT_TIMESTEP  # noqa: PLC0415
@@ -95,7 +99,7 @@ def build_extractor(args, backbone):
                               sigma=getattr(args, "sigma", None), **_cleanup_options(args))
     unet, timestep = backbone.unet, DIFT_TIMESTEP
     if args.checkpoint:
-        unet, ckpt = load_student(backbone.unet, args.checkpoint)
+        unet, ckpt = load_student(backbone.unet, args.checkpoint, inplace=owns_backbone)
         if ckpt.timestep is not None:
             timestep = ckpt.timestep
     else:
@@ -268,7 +272,7 @@ def _extract(args, scan) -> int:
     from ..feature_files import extract_files, merge_feature_files, save_features  # noqa: PLC0415
 
     state, backbone = _load(args)
-    extractor = build_extractor(args, backbone)
+    extractor = build_extractor(args, backbone, owns_backbone=True)
     size = args.size or backbone.resolution
     _check_loaded(args, backbone, extractor, size)
     prompt = _prompt_fn(args.prompt)

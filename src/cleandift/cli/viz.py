@@ -184,7 +184,7 @@ def _extractor(args, device, dtype):
     backbone = load_backbone(args.model, device=device, dtype=dtype, single_file_config=args.single_file_config)
     ns = argparse.Namespace(**vars(args))
     ns.taps = None  # descriptors pass their taps explicitly
-    return build_extractor(ns, backbone)
+    return build_extractor(ns, backbone, owns_backbone=True)
 
 
 def _describe_images(desc, paths: list[Path], prompt: str, batch_size: int = 4):
