@@ -164,6 +164,12 @@ def test_cli_dry_run_lora(tiny_pipeline_dir, tmp_path, capsys):
     assert "VAE encoder (text encoders released)" in report  # as train() keeps them: one prompt, cached
     assert not (tmp_path / "run").exists()
 
+    assert main(args + ["--student", "lora", "--lora-rank", str(RANK), "--cache-latents"]) == 0
+    report = capsys.readouterr().out
+    # 3 images x (mean + std) x 4 x 8 x 8 latents x 4 bytes = 6,144 bytes; the encoder is freed too
+    assert "latent cache (--cache-latents): 3 image(s), 6.0 KiB" in report
+    assert "no VAE (cached latents) (text encoders released)" in report
+
     lora_dir = tmp_path / "student" / "lora"
     _lora_file(tiny_pipeline_dir, lora_dir, RANK)
     assert main(args + ["--student", "lora", "--lora-rank", str(RANK), "--checkpoint", str(lora_dir)]) == 0

@@ -823,14 +823,30 @@ def check_run(config: TrainConfig, *, backbone: DiffusionBackbone | None = None,
     estimate = estimate_memory(backbone, taps, size, config.batch_size, config.num_timesteps, head_config,
                                config.student_timestep == "learned", student_kind=config.student,
                                lora=config.lora_settings(), release_decoder=loaded_here,
-                               release_prompt_encoder=loaded_here and len(prompts) <= 256, compare=True)
+                               release_prompt_encoder=loaded_here and len(prompts) <= 256,
+                               release_encoder=loaded_here and config.cache_latents, compare=True)
     lines.append(_report(estimate, config))
+    if config.cache_latents:
+        from .latent_cache import check_cache_memory  # noqa: PLC0415
+
+        train_set.size = size
+        n = len(train_set) + (len(val_set) if val_set is not None else 0)
+        need = check_cache_memory(backbone, train_set, val_set, config)  # refuses a cache too big for the RAM
+        lines.append(f"latent cache (--cache-latents): {n} image(s), {_binary_size(need)} of RAM; the VAE encoder "
+                     "is freed after encoding")
     lines.append(f"config ({config.preset} preset): lr {config.lr:g}, {config.lr_schedule} "
                  f"({config.warmup_steps} warmup), {config.max_steps} steps x {config.batch_size} images x "
                  f"{config.grad_accum} accumulation, dtype {config.dtype}, "
                  f"teacher {config.teacher_dtype or 'fp32'}")
     lines.append("dry run: nothing trained, nothing written")
     return "\n".join(lines)
+
+
+def _binary_size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _report(estimate, config: TrainConfig) -> str:

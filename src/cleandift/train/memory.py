@@ -519,7 +519,8 @@ def _encoded_shapes(backbone) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def _frozen_other(backbone, release_decoder: bool, release_prompt_encoder: bool) -> tuple[int, str]:
+def _frozen_other(backbone, release_decoder: bool, release_prompt_encoder: bool,
+                  release_encoder: bool = False) -> tuple[int, str]:
     """Parameters of the VAE and prompt encoder(s) a run keeps loaded, and the row label."""
     vae = getattr(backbone, "vae", None)
     n = count_params(vae)
@@ -527,6 +528,9 @@ def _frozen_other(backbone, release_decoder: bool, release_prompt_encoder: bool)
     if vae is not None and release_decoder:
         n -= count_params(getattr(vae, "decoder", None)) + count_params(getattr(vae, "post_quant_conv", None))
         label = "VAE encoder"
+    if vae is not None and release_encoder:  # --cache-latents: encoded once, then freed
+        n -= count_params(getattr(vae, "encoder", None)) + count_params(getattr(vae, "quant_conv", None))
+        label = "VAE (cached latents)" if not release_decoder else "no VAE (cached latents)"
     names = ("text_encoder", *getattr(backbone, "text_encoder_names", ()), "label_encoder")
     encoders = [getattr(backbone, a, None) for a in dict.fromkeys(names)]
     if release_prompt_encoder:
@@ -540,14 +544,16 @@ def _frozen_other(backbone, release_decoder: bool, release_prompt_encoder: bool)
 def estimate_memory(backbone, taps: Sequence[Tap], image_size: int, batch_size: int, num_timesteps: int,
                     head_config: HeadConfig | None, student_timestep_learned: bool = True, *,
                     student_kind: str | None = None, lora=None, release_decoder: bool = False,
-                    release_prompt_encoder: bool = False, compare: bool = False) -> MemoryEstimate:
+                    release_prompt_encoder: bool = False, release_encoder: bool = False,
+                    compare: bool = False) -> MemoryEstimate:
     """Estimate the training memory for ``backbone`` at ``image_size`` px (see module docstring).
 
     ``student_kind``: ``"full"`` or ``"lora"``; ``None`` = ``"lora"`` when the denoiser already carries the
     student adapter (an aligner was built on it), else ``"full"``. ``lora``: the
     :class:`~cleandift.lora.LoraSettings` of a LoRA run (``None``: the carried adapter's, or the defaults).
     ``release_decoder`` / ``release_prompt_encoder``: count the VAE / text encoders as a training run keeps
-    them (:func:`cleandift.train.loop.release_unused_parts`). ``compare``: also estimate the other student
+    them (:func:`cleandift.train.loop.release_unused_parts`); ``release_encoder``: the VAE encoder too
+    (``--cache-latents`` frees it after encoding every image once). ``compare``: also estimate the other student
     kind (``alternative``), so the report shows both side by side.
     """
     from ..lora import has_lora  # noqa: PLC0415
@@ -568,7 +574,7 @@ def estimate_memory(backbone, taps: Sequence[Tap], image_size: int, batch_size: 
             head_params = count_params(ProjectionHeads({tp.name: tp.channels for tp in taps}, head_config))
     base = _base_params(denoiser)
     teacher_bpp = BYTES.get(next(p for n, p in denoiser.named_parameters() if ".lora_" not in n).dtype, 4)
-    other, label = _frozen_other(backbone, release_decoder, release_prompt_encoder)
+    other, label = _frozen_other(backbone, release_decoder, release_prompt_encoder, release_encoder)
     trainable = profile.reached_params + head_params + int(student_timestep_learned)
     info = None
     student = base
@@ -583,5 +589,6 @@ def estimate_memory(backbone, taps: Sequence[Tap], image_size: int, batch_size: 
         estimate.alternative = estimate_memory(
             backbone, taps, image_size, batch_size, num_timesteps, head_config, student_timestep_learned,
             student_kind="full" if student_kind == "lora" else "lora", lora=lora,
-            release_decoder=release_decoder, release_prompt_encoder=release_prompt_encoder)
+            release_decoder=release_decoder, release_prompt_encoder=release_prompt_encoder,
+            release_encoder=release_encoder)
     return estimate
