@@ -88,3 +88,16 @@ def test_cli_lora_train_then_extract_both_exports(tiny_pipeline_dir, tmp_path, c
     a, b = feats["merged"], feats["lora"]
     key = next(iter(a))
     assert torch.allclose(a[key]["us6"].float(), b[key]["us6"].float(), atol=2e-3)  # fp16 feature files
+
+
+def test_lora_refuses_sharding_backends_before_loading():
+    from cleandift.errors import ConfigError
+    from cleandift.train.loop import check_distributed
+
+    lora, full = TrainConfig(student="lora"), TrainConfig(student="full")
+    for kind in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
+        with pytest.raises(ConfigError, match="runs under DDP"):
+            check_distributed(lora, kind)
+        check_distributed(full, kind)  # a full student is a submodule: sharding applies
+    for kind in ("DistributedType.NO", "DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU"):
+        check_distributed(lora, kind)

@@ -374,8 +374,24 @@ def build_accelerator(config: TrainConfig):
         torch.cuda.set_device(torch.device(device))
     # Student parameters after the last tap get no gradient: DDP must be told.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(mixed_precision=_PRECISION[config.dtype], cpu=device == "cpu", kwargs_handlers=[ddp],
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=_PRECISION[config.dtype], cpu=device == "cpu", kwargs_handlers=[ddp],
+                              step_scheduler_with_optimizer=False)
+    check_distributed(config, str(accelerator.distributed_type))
+    return accelerator
+
+
+#: accelerate back-ends that shard or wrap the *training module's* weights: a LoRA student's base denoiser is
+#: shared with the teacher and lives outside that module, so they would leave it unsharded (or break on it).
+_SHARDING_BACKENDS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_distributed(config: TrainConfig, distributed_type: str) -> None:
+    """Refuse back-ends a student kind cannot use, before any model loads (a one-line fix in the message)."""
+    kind = distributed_type.rsplit(".", 1)[-1].upper()
+    if config.student == "lora" and kind in _SHARDING_BACKENDS:
+        raise ConfigError(f"--student lora runs under DDP (`accelerate launch --multi_gpu ...`), not {kind}: the "
+                          "adapters' base denoiser is shared with the teacher outside the sharded module; use DDP "
+                          "with --teacher-dtype bf16 (each GPU holds one bf16 base), or --student full for sharding")
 
 
 def load_training_backbone(config: TrainConfig, device: torch.device) -> DiffusionBackbone:
