@@ -219,7 +219,7 @@ def _has_lora_keys(path: Path) -> bool:
             keys = list(f.keys())
     except Exception:  # noqa: BLE001 -- unreadable: the normal reader reports it with the file name
         return False
-    return bool(keys) and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    return is_lora_state(keys)
 
 
 def _read_lora_folder(path: Path) -> StudentCheckpoint:

@@ -29,7 +29,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -323,8 +323,10 @@ class LoraFile:
                           init_lora_weights=True)
 
 
-def is_lora_state(state: Mapping[str, torch.Tensor]) -> bool:
-    return bool(state) and all(".lora_A." in k or ".lora_B." in k for k in state)
+def is_lora_state(state: Mapping[str, torch.Tensor] | Iterable[str]) -> bool:
+    """Whether every key (of a state dict, or a list of key names) is a LoRA ``lora_A`` / ``lora_B`` weight."""
+    keys = list(state)
+    return bool(keys) and all(".lora_A." in k or ".lora_B." in k for k in keys)
 
 
 def read_lora_file(path: str | Path) -> LoraFile:
@@ -380,8 +382,8 @@ def attach_lora_file(denoiser: nn.Module, lora: LoraFile) -> None:
         raise CheckpointMismatchError(
             f"{lora.source}: {len(missing)} of its {len(lora.target_modules)} LoRA layer(s) do not exist in this "
             f"{type(denoiser).__name__} (e.g. {missing[0]}); load it with the backbone family it was trained for")
-    dtype = next(denoiser.parameters()).dtype
-    add_lora(denoiser, lora.config(), dtype=torch.float32 if dtype != torch.float64 else dtype)
+    base_dtype = next(denoiser.parameters()).dtype  # adapters in fp32, or fp64 next to an fp64 base
+    add_lora(denoiser, lora.config(), dtype=torch.promote_types(base_dtype, torch.float32))
     load_lora_state(denoiser, lora.state, lora.source)
     denoiser.requires_grad_(False)
 
